@@ -1,0 +1,304 @@
+//! Request decoding the way Consul clients expect it: JSON object keys match
+//! case-insensitively and snake_case equals CamelCase (`tagged_addresses` =
+//! `TaggedAddresses`); query flags count by presence (`?stale`, `?stale=1`).
+//!
+//! Owns turning request bodies into `registry` specs with clear, typed
+//! errors, and query-string parsing. Does not validate limits
+//! (`registry::validate_service` does) or talk to Raft. User-data maps
+//! (`Meta`, `Header`) keep their keys exactly as sent.
+
+use std::collections::BTreeMap;
+
+use serde_json::{Map, Value};
+
+use super::error::ApiError;
+use crate::registry::{CheckDef, ServiceSpec};
+
+/// Decoded query parameters, in order; flags count by presence.
+#[derive(Debug, Default, Clone)]
+pub struct Params(Vec<(String, String)>);
+
+impl Params {
+    pub fn parse(raw: Option<&str>) -> Self {
+        Params(
+            form_urlencoded::parse(raw.unwrap_or("").as_bytes())
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect(),
+        )
+    }
+
+    pub fn has(&self, key: &str) -> bool {
+        self.0.iter().any(|(k, _)| k == key)
+    }
+
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+fn norm(key: &str) -> String {
+    key.chars()
+        .filter(|c| *c != '_' && *c != '-')
+        .flat_map(char::to_lowercase)
+        .collect()
+}
+
+/// A JSON object viewed with Consul's lenient key matching.
+pub struct Fields<'a> {
+    what: &'a str,
+    map: BTreeMap<String, &'a Value>,
+}
+
+impl<'a> Fields<'a> {
+    pub fn new(what: &'a str, v: &'a Value) -> Result<Self, ApiError> {
+        let obj: &Map<String, Value> = v
+            .as_object()
+            .ok_or_else(|| ApiError::BadRequest(format!("{what} must be a JSON object")))?;
+        let mut map = BTreeMap::new();
+        for (k, v) in obj {
+            if map.insert(norm(k), v).is_some() {
+                return Err(ApiError::BadRequest(format!(
+                    "{what} has the field {k:?} more than once (keys match case-insensitively)"
+                )));
+            }
+        }
+        Ok(Fields { what, map })
+    }
+
+    /// The value of `field` (canonical CamelCase name); JSON null counts as absent.
+    pub fn get(&self, field: &str) -> Option<&'a Value> {
+        self.map.get(&norm(field)).copied().filter(|v| !v.is_null())
+    }
+
+    fn type_err(&self, field: &str, want: &str) -> ApiError {
+        ApiError::BadRequest(format!("{}.{field} must be {want}", self.what))
+    }
+
+    pub fn string(&self, field: &str) -> Result<Option<String>, ApiError> {
+        match self.get(field) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(_) => Err(self.type_err(field, "a string")),
+        }
+    }
+
+    pub fn strings(&self, field: &str) -> Result<Vec<String>, ApiError> {
+        match self.get(field) {
+            None => Ok(Vec::new()),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|i| match i {
+                    Value::String(s) => Ok(s.clone()),
+                    _ => Err(self.type_err(field, "a list of strings")),
+                })
+                .collect(),
+            Some(_) => Err(self.type_err(field, "a list of strings")),
+        }
+    }
+
+    pub fn string_map(&self, field: &str) -> Result<BTreeMap<String, String>, ApiError> {
+        match self.get(field) {
+            None => Ok(BTreeMap::new()),
+            Some(Value::Object(m)) => m
+                .iter()
+                .map(|(k, v)| match v {
+                    Value::String(s) => Ok((k.clone(), s.clone())),
+                    _ => Err(self.type_err(field, "an object of string values")),
+                })
+                .collect(),
+            Some(_) => Err(self.type_err(field, "an object of string values")),
+        }
+    }
+
+    pub fn port(&self, field: &str) -> Result<u16, ApiError> {
+        match self.get(field) {
+            None => Ok(0),
+            Some(Value::Number(n)) => n
+                .as_u64()
+                .and_then(|p| u16::try_from(p).ok())
+                .ok_or_else(|| self.type_err(field, "an integer from 0 to 65535")),
+            Some(_) => Err(self.type_err(field, "an integer from 0 to 65535")),
+        }
+    }
+}
+
+/// Parses a request body as JSON with a readable error.
+pub fn json(body: &[u8]) -> Result<Value, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("malformed JSON body: {e}")))
+}
+
+fn header_map(f: &Fields<'_>) -> Result<BTreeMap<String, Vec<String>>, ApiError> {
+    let Some(v) = f.get("Header") else {
+        return Ok(BTreeMap::new());
+    };
+    let bad = || ApiError::BadRequest("Check.Header must be an object of string lists".into());
+    let obj = v.as_object().ok_or_else(bad)?;
+    obj.iter()
+        .map(|(k, v)| {
+            let list = v
+                .as_array()
+                .ok_or_else(bad)?
+                .iter()
+                .map(|s| s.as_str().map(str::to_owned).ok_or_else(bad))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok((k.clone(), list))
+        })
+        .collect()
+}
+
+fn duration_field(f: &Fields<'_>, field: &str) -> Result<Option<String>, ApiError> {
+    let v = f.string(field)?;
+    if let Some(s) = &v {
+        crate::registry::parse_duration(s)
+            .map_err(|e| ApiError::BadRequest(format!("Check.{field}: {e}")))?;
+    }
+    Ok(v)
+}
+
+/// Decodes one check object; `default_id` applies when it names none.
+pub fn check(v: &Value, default_id: String, service_name: &str) -> Result<CheckDef, ApiError> {
+    let f = Fields::new("Check", v)?;
+    let check_id = match f.string("CheckID")? {
+        Some(id) if !id.is_empty() => id,
+        _ => match f.string("ID")? {
+            Some(id) if !id.is_empty() => id,
+            _ => default_id,
+        },
+    };
+    let name = f
+        .string("Name")?
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| format!("Service '{service_name}' check"));
+    let status = match f.string("Status")?.as_deref() {
+        None | Some("") => "critical".to_string(),
+        Some(s @ ("passing" | "warning" | "critical")) => s.to_string(),
+        Some(other) => {
+            return Err(ApiError::BadRequest(format!(
+                "Check.Status {other:?} must be passing, warning or critical"
+            )))
+        }
+    };
+    Ok(CheckDef {
+        check_id,
+        name,
+        notes: f.string("Notes")?.unwrap_or_default(),
+        status,
+        ttl: duration_field(&f, "TTL")?,
+        http: f.string("HTTP")?,
+        method: f.string("Method")?,
+        header: header_map(&f)?,
+        body: f.string("Body")?,
+        tcp: f.string("TCP")?,
+        interval: duration_field(&f, "Interval")?,
+        timeout: duration_field(&f, "Timeout")?,
+        deregister_critical_service_after: duration_field(&f, "DeregisterCriticalServiceAfter")?,
+    })
+}
+
+/// Decodes `PUT /v1/agent/service/register`'s body.
+pub fn service(body: &[u8]) -> Result<ServiceSpec, ApiError> {
+    let v = json(body)?;
+    let f = Fields::new("service", &v)?;
+    let name = f
+        .string("Name")?
+        .ok_or_else(|| ApiError::BadRequest("service.Name is required".into()))?;
+    let id = f
+        .string("ID")?
+        .filter(|id| !id.is_empty())
+        .unwrap_or_else(|| name.clone());
+    let mut check_values: Vec<&Value> = Vec::new();
+    if let Some(c) = f.get("Check") {
+        check_values.push(c);
+    }
+    match f.get("Checks") {
+        None => {}
+        Some(Value::Array(list)) => check_values.extend(list.iter()),
+        Some(_) => return Err(ApiError::BadRequest("service.Checks must be a list".into())),
+    }
+    let several = check_values.len() > 1;
+    let checks = check_values
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let default_id = if several {
+                format!("service:{id}:{}", i + 1)
+            } else {
+                format!("service:{id}")
+            };
+            check(c, default_id, &name)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(ServiceSpec {
+        id,
+        name,
+        tags: f.strings("Tags")?,
+        address: f.string("Address")?.unwrap_or_default(),
+        port: f.port("Port")?,
+        meta: f.string_map("Meta")?,
+        checks,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_match_case_insensitively_and_snake_case() {
+        let s = service(br#"{"name":"db","PORT":5432,"tags":["a"],"meta":{"Ver":"1"}}"#)
+            .expect("decodes");
+        assert_eq!((s.name.as_str(), s.id.as_str(), s.port), ("db", "db", 5432));
+        assert_eq!(s.meta.get("Ver").map(String::as_str), Some("1"));
+        let s = service(
+            br#"{"Name":"w","check":{"ttl":"10s","deregister_critical_service_after":"1m"}}"#,
+        )
+        .expect("decodes");
+        assert_eq!(s.checks[0].check_id, "service:w");
+        assert_eq!(s.checks[0].status, "critical");
+        assert_eq!(
+            s.checks[0].deregister_critical_service_after.as_deref(),
+            Some("1m")
+        );
+    }
+
+    #[test]
+    fn several_checks_are_numbered() {
+        let s = service(br#"{"Name":"w","ID":"w1","Checks":[{"TTL":"5s"},{"TTL":"6s"}]}"#)
+            .expect("decodes");
+        let ids: Vec<_> = s.checks.iter().map(|c| c.check_id.as_str()).collect();
+        assert_eq!(ids, ["service:w1:1", "service:w1:2"]);
+    }
+
+    #[test]
+    fn wrong_types_and_ranges_are_refused() {
+        for bad in [
+            &br#"{"Name":"w","Port":"x"}"#[..],
+            br#"{"Name":"w","Port":70000}"#,
+            br#"{"Name":"w","Port":-1}"#,
+            br#"{"Name":5}"#,
+            br#"{"Port":1}"#,
+            br#"[1]"#,
+            br#"{"Name":"w","Tags":"a"}"#,
+            br#"{"Name":"w","Check":{"TTL":"ten"}}"#,
+            br#"{"Name":"w","name":"v"}"#,
+            b"{",
+        ] {
+            assert!(
+                service(bad).is_err(),
+                "{} accepted",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn flags_count_by_presence() {
+        let p = Params::parse(Some("stale&consistent=1&note=a%20b"));
+        assert!(p.has("stale") && p.has("consistent") && !p.has("passing"));
+        assert_eq!(p.get("note"), Some("a b"));
+    }
+}

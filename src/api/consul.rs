@@ -1,0 +1,226 @@
+//! Consul-compatible endpoints: agent services, catalog, health and status.
+//!
+//! Owns the Consul JSON shapes (CamelCase fields, `X-Consul-*` headers) for
+//! the registry. Does not own state: reads go through `super::read`, writes
+//! through `RaftNode::write`. Check *evaluation* is the health subsystem's;
+//! here a check reports the status it was registered with.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, RawQuery, State};
+use axum::response::Response;
+use serde_json::{json, Value};
+
+use super::body::{self, Params};
+use super::error::ApiError;
+use super::{read, write_response};
+use crate::raft::RaftNode;
+use crate::registry::{validate_service, Command, NodeEntry, Registry, ServiceInstance};
+
+type Node = State<Arc<RaftNode>>;
+
+const DC: &str = "dc1";
+
+fn host_of(addr: &str) -> &str {
+    addr.rsplit_once(':').map_or(addr, |(h, _)| h)
+}
+
+/// A stable UUID-shaped node ID derived from the Raft node id.
+fn node_uuid(id: u64) -> String {
+    format!("00000000-0000-0000-0000-{id:012}")
+}
+
+fn node_json(n: &NodeEntry) -> Value {
+    let addr = host_of(&n.api_addr);
+    json!({
+        "ID": node_uuid(n.id),
+        "Node": n.name,
+        "Address": addr,
+        "Datacenter": DC,
+        "TaggedAddresses": {"lan": addr, "wan": addr},
+        "Meta": {"raftmesh-id": n.id.to_string()},
+    })
+}
+
+fn node_name(reg: &Registry, id: u64) -> String {
+    reg.node(id)
+        .map_or_else(|| format!("node{id}"), |n| n.name.clone())
+}
+
+fn weights() -> Value {
+    json!({"Passing": 1, "Warning": 1})
+}
+
+fn agent_service(s: &ServiceInstance) -> Value {
+    json!({
+        "ID": s.id,
+        "Service": s.name,
+        "Tags": s.tags,
+        "Meta": s.meta,
+        "Port": s.port,
+        "Address": s.address,
+        "Weights": weights(),
+        "EnableTagOverride": false,
+        "Datacenter": DC,
+        "Namespace": "default",
+        "CreateIndex": s.create_index,
+        "ModifyIndex": s.modify_index,
+    })
+}
+
+fn catalog_entry(reg: &Registry, s: &ServiceInstance) -> Value {
+    let node = reg.node(s.node);
+    let addr = node.map_or("", |n| host_of(&n.api_addr));
+    json!({
+        "ID": node_uuid(s.node),
+        "Node": node_name(reg, s.node),
+        "Address": addr,
+        "Datacenter": DC,
+        "TaggedAddresses": {"lan": addr, "wan": addr},
+        "NodeMeta": {},
+        "ServiceID": s.id,
+        "ServiceName": s.name,
+        "ServiceTags": s.tags,
+        "ServiceAddress": s.address,
+        "ServicePort": s.port,
+        "ServiceMeta": s.meta,
+        "ServiceEnableTagOverride": false,
+        "ServiceWeights": weights(),
+        "CreateIndex": s.create_index,
+        "ModifyIndex": s.modify_index,
+        "Namespace": "default",
+    })
+}
+
+/// The checks reported for an instance: the node-level `serfHealth` and the
+/// instance's own checks with their current status.
+fn checks_of(reg: &Registry, s: &ServiceInstance) -> Vec<Value> {
+    let node = node_name(reg, s.node);
+    let member = reg.node(s.node).is_some();
+    let mut out = vec![json!({
+        "Node": node, "CheckID": "serfHealth", "Name": "Serf Health Status",
+        "Status": if member { "passing" } else { "critical" },
+        "Notes": "", "Output": if member { "Agent alive and reachable" } else { "Node is not a cluster member" },
+        "ServiceID": "", "ServiceName": "", "ServiceTags": [], "Type": "", "Namespace": "default",
+    })];
+    out.extend(s.checks.iter().map(|c| {
+        json!({
+            "Node": node, "CheckID": c.check_id, "Name": c.name, "Status": c.status,
+            "Notes": c.notes, "Output": "", "ServiceID": s.id, "ServiceName": s.name,
+            "ServiceTags": s.tags,
+            "Type": if c.ttl.is_some() { "ttl" } else if c.http.is_some() { "http" } else if c.tcp.is_some() { "tcp" } else { "" },
+            "Namespace": "default",
+        })
+    }));
+    out
+}
+
+pub async fn register(
+    State(node): Node,
+    RawQuery(q): RawQuery,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let _ = Params::parse(q.as_deref());
+    let spec = body::service(&body?)?;
+    validate_service(&spec)?;
+    let cmd = Command::RegisterService {
+        via_node: node.id(),
+        service: spec,
+    };
+    let written = node.write(cmd).await?;
+    Ok(write_response(&node, written.index, None))
+}
+
+pub async fn deregister(State(node): Node, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let written = node.write(Command::DeregisterService { id }).await?;
+    Ok(write_response(&node, written.index, None))
+}
+
+pub async fn agent_services(
+    State(node): Node,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    let me = node.id();
+    read(&node, &Params::parse(q.as_deref()), move |reg| {
+        let map: serde_json::Map<String, Value> = reg
+            .services()
+            .filter(|s| s.node == me)
+            .map(|s| (s.id.clone(), agent_service(s)))
+            .collect();
+        Value::Object(map)
+    })
+    .await
+}
+
+pub async fn catalog_services(
+    State(node): Node,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    read(&node, &Params::parse(q.as_deref()), |reg| {
+        reg.service_names()
+    })
+    .await
+}
+
+pub async fn catalog_service(
+    State(node): Node,
+    Path(name): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    let p = Params::parse(q.as_deref());
+    let tag = p.get("tag").map(str::to_owned);
+    read(&node, &p, move |reg| {
+        reg.instances_of(&name)
+            .filter(|s| tag.as_ref().is_none_or(|t| s.tags.contains(t)))
+            .map(|s| catalog_entry(reg, s))
+            .collect::<Vec<_>>()
+    })
+    .await
+}
+
+pub async fn catalog_nodes(State(node): Node, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
+    read(&node, &Params::parse(q.as_deref()), |reg| {
+        reg.nodes().map(node_json).collect::<Vec<_>>()
+    })
+    .await
+}
+
+pub async fn health_service(
+    State(node): Node,
+    Path(name): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    let p = Params::parse(q.as_deref());
+    let passing_only = p.has("passing");
+    let tag = p.get("tag").map(str::to_owned);
+    read(&node, &p, move |reg| {
+        reg.instances_of(&name)
+            .filter(|s| tag.as_ref().is_none_or(|t| s.tags.contains(t)))
+            .filter_map(|s| {
+                let checks = checks_of(reg, s);
+                if passing_only && checks.iter().any(|c| c["Status"] != "passing") {
+                    return None;
+                }
+                let node = reg.node(s.node).map_or_else(
+                    || json!({"ID": node_uuid(s.node), "Node": node_name(reg, s.node), "Datacenter": DC}),
+                    node_json,
+                );
+                let mut service = agent_service(s);
+                service["Address"] = json!(s.address);
+                Some(json!({"Node": node, "Service": service, "Checks": checks}))
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+}
+
+pub async fn status_leader(State(node): Node) -> Result<Response, ApiError> {
+    let leader = node.leader_peer_addr().unwrap_or_default();
+    Ok(super::local_json(&node, json!(leader)))
+}
+
+pub async fn status_peers(State(node): Node) -> Result<Response, ApiError> {
+    Ok(super::local_json(&node, json!(node.voter_peer_addrs())))
+}

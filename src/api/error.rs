@@ -1,0 +1,80 @@
+//! The one place errors become HTTP answers.
+//!
+//! Owns `ApiError` and its mapping to status codes and the JSON error body
+//! `{"error": code, "message": text}`. Every handler returns `ApiError` for
+//! failures, so no other module picks a status code for an error.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+
+use crate::raft::ClusterError;
+use crate::registry::ValidationError;
+
+/// A failed client request.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("request body is larger than the {limit} byte limit")]
+    PayloadTooLarge { limit: usize },
+    #[error(transparent)]
+    Validation(#[from] ValidationError),
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+}
+
+impl ApiError {
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        use ClusterError as C;
+        match self {
+            ApiError::BadRequest(_) | ApiError::Validation(_) => {
+                (StatusCode::BAD_REQUEST, "bad_request")
+            }
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::PayloadTooLarge { .. } => {
+                (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
+            }
+            ApiError::Cluster(c) => match c {
+                C::NoLeader | C::NotLeader => (StatusCode::SERVICE_UNAVAILABLE, "no_leader"),
+                C::NoQuorum(_) => (StatusCode::SERVICE_UNAVAILABLE, "no_quorum"),
+                C::Stopped(_) => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
+                C::OutcomeUnknown { .. } => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
+                C::Invalid(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+                C::NotMember(_) => (StatusCode::NOT_FOUND, "not_found"),
+                C::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            },
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        if status.is_server_error() {
+            tracing::warn!(%status, error = %self, "request failed");
+        }
+        let body = serde_json::json!({ "error": code, "message": self.to_string() });
+        let mut res = (status, Json(body)).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            res.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        res
+    }
+}
+
+/// Maps axum's body-extraction failures (too large, unreadable) into ours.
+impl From<axum::extract::rejection::BytesRejection> for ApiError {
+    fn from(r: axum::extract::rejection::BytesRejection) -> Self {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge {
+                limit: super::MAX_BODY_BYTES,
+            }
+        } else {
+            ApiError::BadRequest(format!("could not read request body: {r}"))
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! The client-facing HTTP API: Consul-compatible routes, native routes,
+//! read consistency and the `X-Consul-*` headers.
+//!
+//! Owns routing, the per-request tracing span, the body limit and the read
+//! path (`read`): default and `?consistent` reads pass `RaftNode::linearize`
+//! first; `?stale` answers from the local applied state. Does not own state
+//! or decide anything: writes go to `RaftNode::write`.
+//!
+//! Invariant: every answer that carries registry data carries
+//! `X-Consul-Index` (the applied index it was read at, at least 1),
+//! `X-Consul-KnownLeader` and `X-Consul-LastContact`.
+
+pub mod body;
+mod consul;
+pub mod error;
+mod native;
+
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use serde::Serialize;
+use tracing::Instrument;
+
+use crate::raft::bootstrap::PATH_JOIN;
+use crate::raft::RaftNode;
+use crate::registry::Registry;
+use body::Params;
+use error::ApiError;
+
+/// Largest accepted request body.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// How a read is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Consistency {
+    /// Linearizable, Consul's default mode.
+    Leader,
+    /// Linearizable, explicitly requested.
+    Consistent,
+    /// Local applied state.
+    Stale,
+}
+
+impl Consistency {
+    pub fn from_params(p: &Params) -> Result<Self, ApiError> {
+        match (p.has("stale"), p.has("consistent")) {
+            (true, true) => Err(ApiError::BadRequest(
+                "?stale and ?consistent cannot be combined".into(),
+            )),
+            (true, false) => Ok(Consistency::Stale),
+            (false, true) => Ok(Consistency::Consistent),
+            (false, false) => Ok(Consistency::Leader),
+        }
+    }
+
+    fn header(self) -> &'static str {
+        match self {
+            Consistency::Leader => "leader",
+            Consistency::Consistent => "consistent",
+            Consistency::Stale => "stale",
+        }
+    }
+}
+
+fn set(headers: &mut HeaderMap, name: &'static str, value: String) {
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        headers.insert(HeaderName::from_static(name), v);
+    }
+}
+
+fn consul_headers(res: &mut Response, node: &RaftNode, index: u64, mode: Option<Consistency>) {
+    let meta = node.read_meta();
+    let h = res.headers_mut();
+    set(h, "x-consul-index", index.max(1).to_string());
+    set(h, "x-consul-knownleader", meta.known_leader.to_string());
+    set(h, "x-consul-lastcontact", meta.last_contact_ms.to_string());
+    set(h, "x-consul-default-acl-policy", "allow".into());
+    if let Some(m) = mode {
+        set(h, "x-consul-effective-consistency", m.header().into());
+    }
+}
+
+/// Serves `f` over the registry with the consistency `p` asks for.
+pub(crate) async fn read<T: Serialize>(
+    node: &RaftNode,
+    p: &Params,
+    f: impl FnOnce(&Registry) -> T,
+) -> Result<Response, ApiError> {
+    let mode = Consistency::from_params(p)?;
+    if mode != Consistency::Stale {
+        node.linearize().await?;
+    }
+    let (body, index) = {
+        let reg = node.state();
+        (f(&reg), reg.last_index())
+    };
+    let mut res = Json(body).into_response();
+    consul_headers(&mut res, node, index, Some(mode));
+    Ok(res)
+}
+
+/// A local (non-registry) JSON answer that still carries the headers.
+pub(crate) fn local_json(node: &RaftNode, body: serde_json::Value) -> Response {
+    let mut res = Json(body).into_response();
+    let index = node.shared().applied_index();
+    consul_headers(&mut res, node, index, Some(Consistency::Stale));
+    res
+}
+
+/// A write's answer: Consul's empty 200 (or `body`) plus the commit index.
+pub(crate) fn write_response(
+    node: &RaftNode,
+    index: u64,
+    body: Option<serde_json::Value>,
+) -> Response {
+    let mut res = match body {
+        Some(b) => Json(b).into_response(),
+        None => ().into_response(),
+    };
+    consul_headers(&mut res, node, index, None);
+    res
+}
+
+async fn request_span(req: Request, next: Next) -> Response {
+    let span = tracing::info_span!("http", method = %req.method(), path = %req.uri().path());
+    async move {
+        let res = next.run(req).await;
+        tracing::debug!(status = res.status().as_u16(), "answered");
+        res
+    }
+    .instrument(span)
+    .await
+}
+
+async fn not_found(req: Request) -> ApiError {
+    ApiError::NotFound(format!(
+        "no route for {} {}",
+        req.method(),
+        req.uri().path()
+    ))
+}
+
+/// The client router over `node`.
+pub fn router(node: Arc<RaftNode>) -> Router {
+    Router::new()
+        .route("/v1/agent/service/register", put(consul::register))
+        .route("/v1/agent/service/deregister/{id}", put(consul::deregister))
+        .route("/v1/agent/services", get(consul::agent_services))
+        .route("/v1/catalog/services", get(consul::catalog_services))
+        .route("/v1/catalog/service/{name}", get(consul::catalog_service))
+        .route("/v1/catalog/nodes", get(consul::catalog_nodes))
+        .route("/v1/health/service/{name}", get(consul::health_service))
+        .route("/v1/status/leader", get(consul::status_leader))
+        .route("/v1/status/peers", get(consul::status_peers))
+        .route(
+            "/v1/cluster/members",
+            get(native::members).post(native::add_member),
+        )
+        .route(
+            "/v1/cluster/members/{id}",
+            axum::routing::delete(native::remove_member),
+        )
+        .route("/v1/cluster/status", get(native::status))
+        .route(PATH_JOIN, post(native::join))
+        .route("/livez", get(native::livez))
+        .route("/readyz", get(native::readyz))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(request_span))
+        .with_state(node)
+}

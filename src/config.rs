@@ -1,0 +1,193 @@
+//! Command-line configuration of `raftmesh agent`, with documented defaults
+//! and `validate()`, which turns flags into a checked `AgentConfig`.
+//!
+//! Owns flag names and defaults; does not bind sockets or open files
+//! (`node.rs` does).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+/// Flags of `raftmesh agent`.
+#[derive(Debug, Clone, Args)]
+pub struct AgentArgs {
+    /// Node id, unique in the cluster (>= 1). Required unless --dev.
+    #[arg(long)]
+    pub id: Option<u64>,
+    /// Human-readable node name; defaults to "node<id>".
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Client API listen address (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:8500")]
+    pub api_addr: SocketAddr,
+    /// Peer (Raft RPC) listen address; its IP is also the source address of
+    /// outbound peer connections.
+    #[arg(long, default_value = "127.0.0.1:8300")]
+    pub peer_addr: SocketAddr,
+    /// Data directory (sled database, addrs.json). Required unless --dev.
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// On first start, wait until this many nodes know each other, then the
+    /// lowest id initializes the cluster with all of them as voters.
+    #[arg(long)]
+    pub bootstrap_expect: Option<usize>,
+    /// API addresses of other nodes to contact on first start.
+    #[arg(long, value_delimiter = ',', num_args = 0..)]
+    pub join: Vec<String>,
+    /// One bootstrapped node with data in a temporary directory.
+    #[arg(long)]
+    pub dev: bool,
+    /// Leader heartbeat interval.
+    #[arg(long, default_value_t = 100)]
+    pub heartbeat_ms: u64,
+    /// Minimum election timeout; the actual timeout is random in [min, max).
+    #[arg(long, default_value_t = 800)]
+    pub election_min_ms: u64,
+    /// Maximum election timeout.
+    #[arg(long, default_value_t = 1600)]
+    pub election_max_ms: u64,
+    /// Build a snapshot every N applied entries; the log is purged behind it.
+    #[arg(long, default_value_t = 5000)]
+    pub snapshot_every: u64,
+    /// Entries kept in the log behind the latest snapshot.
+    #[arg(long, default_value_t = 500)]
+    pub snapshot_keep_logs: u64,
+    /// How long a write waits for its commit before answering 504.
+    #[arg(long, default_value_t = 5000)]
+    pub write_timeout_ms: u64,
+    /// How long a request waits for a leader before answering 503.
+    #[arg(long, default_value_t = 3000)]
+    pub leader_wait_ms: u64,
+}
+
+/// Where the node keeps its data.
+#[derive(Debug)]
+pub enum DataDir {
+    Path(PathBuf),
+    /// `--dev`: removed when the node exits.
+    Temp(tempfile::TempDir),
+}
+
+impl DataDir {
+    pub fn path(&self) -> &std::path::Path {
+        match self {
+            DataDir::Path(p) => p,
+            DataDir::Temp(t) => t.path(),
+        }
+    }
+}
+
+/// Checked configuration.
+#[derive(Debug)]
+pub struct AgentConfig {
+    pub id: u64,
+    pub name: String,
+    pub api_addr: SocketAddr,
+    pub peer_addr: SocketAddr,
+    pub data_dir: DataDir,
+    pub bootstrap_expect: Option<usize>,
+    pub join: Vec<String>,
+    pub dev: bool,
+    pub heartbeat: Duration,
+    pub election_min: Duration,
+    pub election_max: Duration,
+    pub snapshot_every: u64,
+    pub snapshot_keep_logs: u64,
+    pub write_timeout: Duration,
+    pub leader_wait: Duration,
+}
+
+/// A flag combination that cannot work.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--id is required (>= 1) unless --dev is given")]
+    MissingId,
+    #[error("--data-dir is required unless --dev is given")]
+    MissingDataDir,
+    #[error("--bootstrap-expect must be at least 1")]
+    BadExpect,
+    #[error("--join address {0:?} is not HOST:PORT")]
+    BadJoin(String),
+    #[error("timings: need 0 < heartbeat ({heartbeat} ms) < election min ({min} ms) < election max ({max} ms)")]
+    BadTimings { heartbeat: u64, min: u64, max: u64 },
+    #[error("--snapshot-every must be at least 1")]
+    BadSnapshot,
+    #[error("--write-timeout-ms and --leader-wait-ms must be at least 100")]
+    BadTimeout,
+    #[error("could not create a temporary data dir: {0}")]
+    TempDir(std::io::Error),
+}
+
+impl AgentArgs {
+    pub fn validate(self) -> Result<AgentConfig, ConfigError> {
+        let id = match (self.id, self.dev) {
+            (Some(id), _) if id >= 1 => id,
+            (None, true) => 1,
+            _ => return Err(ConfigError::MissingId),
+        };
+        let data_dir = match (self.data_dir, self.dev) {
+            (Some(p), _) => DataDir::Path(p),
+            (None, true) => DataDir::Temp(
+                tempfile::Builder::new()
+                    .prefix("raftmesh-dev-")
+                    .tempdir()
+                    .map_err(ConfigError::TempDir)?,
+            ),
+            (None, false) => return Err(ConfigError::MissingDataDir),
+        };
+        if self.bootstrap_expect == Some(0) {
+            return Err(ConfigError::BadExpect);
+        }
+        let join: Vec<String> = self
+            .join
+            .into_iter()
+            .map(|j| j.trim().to_string())
+            .filter(|j| !j.is_empty())
+            .collect();
+        for j in &join {
+            if j.rsplit_once(':')
+                .and_then(|(_, p)| p.parse::<u16>().ok())
+                .is_none()
+            {
+                return Err(ConfigError::BadJoin(j.clone()));
+            }
+        }
+        let (hb, min, max) = (
+            self.heartbeat_ms,
+            self.election_min_ms,
+            self.election_max_ms,
+        );
+        if hb == 0 || hb >= min || min >= max {
+            return Err(ConfigError::BadTimings {
+                heartbeat: hb,
+                min,
+                max,
+            });
+        }
+        if self.snapshot_every == 0 {
+            return Err(ConfigError::BadSnapshot);
+        }
+        if self.write_timeout_ms < 100 || self.leader_wait_ms < 100 {
+            return Err(ConfigError::BadTimeout);
+        }
+        Ok(AgentConfig {
+            id,
+            name: self.name.unwrap_or_else(|| format!("node{id}")),
+            api_addr: self.api_addr,
+            peer_addr: self.peer_addr,
+            data_dir,
+            bootstrap_expect: self.bootstrap_expect,
+            join,
+            dev: self.dev,
+            heartbeat: Duration::from_millis(hb),
+            election_min: Duration::from_millis(min),
+            election_max: Duration::from_millis(max),
+            snapshot_every: self.snapshot_every,
+            snapshot_keep_logs: self.snapshot_keep_logs,
+            write_timeout: Duration::from_millis(self.write_timeout_ms),
+            leader_wait: Duration::from_millis(self.leader_wait_ms),
+        })
+    }
+}

@@ -1,0 +1,84 @@
+//! The `raftmesh` binary: parses the command line, sets up tracing and hands
+//! over to the library (`node::run` for `agent`, `cli::run` otherwise).
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use raftmesh::cli::{ClientCommand, ClientOpts};
+use raftmesh::config::AgentArgs;
+
+/// A Raft-replicated service registry with a Consul-compatible API.
+#[derive(Debug, Parser)]
+#[command(name = "raftmesh", version)]
+struct Cli {
+    #[command(flatten)]
+    client: ClientOpts,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run a node.
+    Agent(AgentArgs),
+    #[command(flatten)]
+    Client(ClientCommand),
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops the node");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+    tracing::info!("shutdown signal received");
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn,sled=warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Agent(args) => {
+            init_tracing();
+            let cfg = match args.validate() {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("raftmesh agent: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            match raftmesh::node::run(cfg, shutdown_signal()).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = format!("{e:#}"), "node failed");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Cmd::Client(cmd) => match raftmesh::cli::run(&cli.client, cmd).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("raftmesh: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}

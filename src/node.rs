@@ -1,0 +1,213 @@
+//! The composition root of one raftmesh node: binds the listeners, opens
+//! sled, builds Raft, starts the servers and runs startup and shutdown in a
+//! deliberate order.
+//!
+//! Owns lifetimes and ordering only; no business logic.
+//!
+//! Startup: bind both listeners (so port 0 resolves before anything else) →
+//! open sled → note whether the data dir already held Raft state → build the
+//! stores and Raft → serve peer RPCs and the API → write `addrs.json` and
+//! the ready line → bootstrap, only if the data dir was empty.
+//!
+//! Shutdown (on the `shutdown` future, i.e. SIGTERM/SIGINT): stop accepting
+//! API requests and drain in-flight ones → stop bootstrap → shut Raft down
+//! (no more proposals or replication) → stop the peer listener → flush sled.
+//! Each wait is bounded so a stuck connection cannot hold the exit.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::Path;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::AgentConfig;
+use crate::raft::log_store::LogStore;
+use crate::raft::network::{NetworkFactory, PeerClient};
+use crate::raft::state_machine::StateMachineStore;
+use crate::raft::{bootstrap, PeerNode, Raft, RaftNode, Timing};
+
+/// Bound on draining each server during shutdown.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The bound addresses, written to `<data-dir>/addrs.json` once listening.
+#[derive(Debug, serde::Serialize)]
+struct Ready<'a> {
+    id: u64,
+    name: &'a str,
+    api_addr: String,
+    peer_addr: String,
+    pid: u32,
+}
+
+fn write_addrs(dir: &Path, ready: &Ready<'_>) -> anyhow::Result<()> {
+    let tmp = dir.join("addrs.json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec(ready)?).context("writing addrs.json")?;
+    std::fs::rename(&tmp, dir.join("addrs.json")).context("renaming addrs.json")?;
+    Ok(())
+}
+
+fn raft_config(cfg: &AgentConfig) -> anyhow::Result<openraft::Config> {
+    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    let c = openraft::Config {
+        cluster_name: "raftmesh".into(),
+        heartbeat_interval: ms(cfg.heartbeat),
+        election_timeout_min: ms(cfg.election_min),
+        election_timeout_max: ms(cfg.election_max),
+        install_snapshot_timeout: 5000,
+        snapshot_max_chunk_size: 1024 * 1024,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(cfg.snapshot_every),
+        max_in_snapshot_log_to_keep: cfg.snapshot_keep_logs,
+        ..Default::default()
+    };
+    c.validate().context("invalid raft configuration")
+}
+
+async fn drain(tracker: &TaskTracker, what: &str) {
+    tracker.close();
+    if tokio::time::timeout(DRAIN_TIMEOUT, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(what, "did not drain in time; continuing shutdown");
+    }
+}
+
+/// Runs a node until `shutdown` resolves, then shuts it down cleanly.
+pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let api_listener = TcpListener::bind(cfg.api_addr)
+        .await
+        .with_context(|| format!("binding API address {}", cfg.api_addr))?;
+    let peer_listener = TcpListener::bind(cfg.peer_addr)
+        .await
+        .with_context(|| format!("binding peer address {}", cfg.peer_addr))?;
+    let api_addr = api_listener.local_addr()?;
+    let peer_addr = peer_listener.local_addr()?;
+
+    let dir = cfg.data_dir.path().to_path_buf();
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let db = sled::Config::new()
+        .path(dir.join("sled"))
+        .cache_capacity(16 * 1024 * 1024)
+        .open()
+        .with_context(|| format!("opening sled in {}", dir.display()))?;
+    let had_state = LogStore::has_state(&db)?;
+
+    let committed = Arc::new(AtomicU64::new(0));
+    let log_store = LogStore::open(&db, committed.clone())?;
+    let sm = StateMachineStore::open(&db)
+        .await
+        .context("opening state machine")?;
+    let shared = sm.shared();
+    let client = PeerClient::new(peer_addr.ip())?;
+    let raft = Raft::new(
+        cfg.id,
+        Arc::new(raft_config(&cfg)?),
+        NetworkFactory {
+            client: client.clone(),
+        },
+        log_store,
+        sm,
+    )
+    .await
+    .context("starting raft")?;
+    let me = PeerNode {
+        name: cfg.name.clone(),
+        api_addr: api_addr.to_string(),
+        peer_addr: peer_addr.to_string(),
+    };
+    let timing = Timing {
+        write_timeout: cfg.write_timeout,
+        leader_wait: cfg.leader_wait,
+    };
+    let node = Arc::new(RaftNode::new(
+        cfg.id,
+        me.clone(),
+        raft.clone(),
+        shared,
+        client,
+        committed,
+        timing,
+    ));
+
+    let peer_stop = CancellationToken::new();
+    let api_stop = CancellationToken::new();
+    let peer_tasks = TaskTracker::new();
+    let api_tasks = TaskTracker::new();
+    let bootstrap_tasks = TaskTracker::new();
+    {
+        let app = crate::raft::server::router(node.clone());
+        let stop = peer_stop.clone();
+        peer_tasks.spawn(async move {
+            let res = axum::serve(peer_listener, app)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await;
+            if let Err(e) = res {
+                tracing::error!(error = %e, "peer server failed");
+            }
+        });
+    }
+    {
+        let app = crate::api::router(node.clone());
+        let stop = api_stop.clone();
+        api_tasks.spawn(async move {
+            let res = axum::serve(api_listener, app)
+                .with_graceful_shutdown(stop.cancelled_owned())
+                .await;
+            if let Err(e) = res {
+                tracing::error!(error = %e, "API server failed");
+            }
+        });
+    }
+
+    let ready = Ready {
+        id: cfg.id,
+        name: &cfg.name,
+        api_addr: api_addr.to_string(),
+        peer_addr: peer_addr.to_string(),
+        pid: std::process::id(),
+    };
+    write_addrs(&dir, &ready)?;
+    tracing::info!(
+        "RAFTMESH_READY {}",
+        serde_json::to_string(&ready).context("encoding ready line")?
+    );
+
+    if had_state {
+        tracing::info!(dir = %dir.display(), "resuming from existing state; bootstrap flags ignored");
+    } else if cfg.dev {
+        raft.initialize(BTreeMap::from([(cfg.id, me)]))
+            .await
+            .context("initializing dev cluster")?;
+    } else if let Some(expect) = cfg.bootstrap_expect {
+        bootstrap_tasks.spawn(bootstrap::run(
+            node.clone(),
+            expect,
+            cfg.join.clone(),
+            api_stop.clone(),
+        ));
+    } else {
+        tracing::info!("no state and no --bootstrap-expect: waiting to be added to a cluster");
+    }
+
+    shutdown.await;
+    tracing::info!("shutting down: draining API");
+    api_stop.cancel();
+    drain(&api_tasks, "API server").await;
+    drain(&bootstrap_tasks, "bootstrap").await;
+    tracing::info!("shutting down: stopping raft");
+    if let Err(e) = raft.shutdown().await {
+        tracing::warn!(error = %e, "raft shutdown reported an error");
+    }
+    peer_stop.cancel();
+    drain(&peer_tasks, "peer server").await;
+    db.flush_async().await.context("flushing sled")?;
+    drop(node);
+    tracing::info!("shutdown complete");
+    Ok(())
+}

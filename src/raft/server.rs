@@ -1,0 +1,101 @@
+//! The peer listener: openraft RPCs from other nodes and the internal calls
+//! followers forward to the leader (writes, read index, membership).
+//!
+//! Owns the peer axum router. Does not serve clients (`api`). Each request
+//! runs in its own tracing span named after the RPC. Bodies are bounded by
+//! `MAX_PEER_BODY`; snapshots arrive in openraft's chunks, well under it.
+
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::routing::post;
+use axum::{Json, Router};
+use tracing::Instrument;
+
+use super::types::{
+    AppendRequest, AppendResponse, InstallSnapshotError, RaftError, SnapshotRequest,
+    SnapshotResponse, VoteRequest, VoteResponse,
+};
+use super::{
+    ClusterError, MembershipOp, RaftNode, Written, PATH_MEMBERSHIP, PATH_READ_INDEX, PATH_WRITE,
+};
+use crate::registry::Command;
+
+/// Largest peer request body: a batch of entries or one snapshot chunk.
+pub const MAX_PEER_BODY: usize = 64 * 1024 * 1024;
+
+type Node = State<Arc<RaftNode>>;
+
+async fn append(
+    State(n): Node,
+    Json(req): Json<AppendRequest>,
+) -> Json<Result<AppendResponse, RaftError>> {
+    let span = tracing::debug_span!(
+        "raft_append",
+        from = req.vote.leader_id().voted_for(),
+        entries = req.entries.len()
+    );
+    async move {
+        let res = n.raft().append_entries(req).await;
+        if res.is_ok() {
+            n.touch_leader_contact();
+        }
+        Json(res)
+    }
+    .instrument(span)
+    .await
+}
+
+async fn vote(
+    State(n): Node,
+    Json(req): Json<VoteRequest>,
+) -> Json<Result<VoteResponse, RaftError>> {
+    let span = tracing::debug_span!("raft_vote", candidate = req.vote.leader_id().voted_for());
+    Json(n.raft().vote(req).instrument(span).await)
+}
+
+async fn snapshot(
+    State(n): Node,
+    Json(req): Json<SnapshotRequest>,
+) -> Json<Result<SnapshotResponse, RaftError<InstallSnapshotError>>> {
+    let span = tracing::info_span!("raft_snapshot", offset = req.offset, done = req.done);
+    let res = n.raft().install_snapshot(req).instrument(span).await;
+    if res.is_ok() {
+        n.touch_leader_contact();
+    }
+    Json(res)
+}
+
+async fn forwarded_write(
+    State(n): Node,
+    Json(cmd): Json<Command>,
+) -> Json<Result<Written, ClusterError>> {
+    let span = tracing::debug_span!("forwarded_write");
+    Json(n.write_local(cmd).instrument(span).await)
+}
+
+async fn read_index(State(n): Node) -> Json<Result<u64, ClusterError>> {
+    let span = tracing::debug_span!("read_index");
+    Json(n.read_index_local().instrument(span).await)
+}
+
+async fn membership(
+    State(n): Node,
+    Json(op): Json<MembershipOp>,
+) -> Json<Result<u64, ClusterError>> {
+    let span = tracing::info_span!("membership", ?op);
+    Json(n.membership_local(op).instrument(span).await)
+}
+
+/// The peer router over `node`.
+pub fn router(node: Arc<RaftNode>) -> Router {
+    Router::new()
+        .route("/raft/append", post(append))
+        .route("/raft/vote", post(vote))
+        .route("/raft/snapshot", post(snapshot))
+        .route(PATH_WRITE, post(forwarded_write))
+        .route(PATH_READ_INDEX, post(read_index))
+        .route(PATH_MEMBERSHIP, post(membership))
+        .layer(DefaultBodyLimit::max(MAX_PEER_BODY))
+        .with_state(node)
+}

@@ -1,0 +1,365 @@
+//! The openraft state-machine adapter: applies committed entries to the
+//! `Registry`, persists the result in sled and builds/installs snapshots.
+//!
+//! Owns the `sm` tree (registry keys plus `meta/applied` and
+//! `meta/membership`) and the `snapshot` tree (`meta`, `data`). Does not
+//! interpret commands: `registry::Registry::apply` does, purely.
+//!
+//! Invariants:
+//! - The applied pointer and the applied data change in one sled batch, so
+//!   after a crash the stored state is exactly the state at the stored index.
+//! - The in-memory `Registry` behind `Shared::registry` is the state at
+//!   `Shared::applied` (readers take the lock, then read both consistently).
+//! - A snapshot is flushed to disk before openraft may purge the log behind
+//!   it, and the applied state it was built from is flushed with it.
+//!
+//! Concurrency: openraft's state-machine task is the only writer. API readers
+//! take the `std::sync::RwLock` for short, non-async critical sections; the
+//! lock is never held across an await. `applied` is a `tokio::sync::watch`
+//! so readers can wait for an index without polling.
+
+// openraft's storage traits fix `StorageError` as the error type; helpers
+// return it unboxed so `?` composes with the trait methods.
+#![allow(clippy::result_large_err)]
+
+use std::io::Cursor;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+
+use openraft::storage::RaftStateMachine;
+use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
+use tokio::sync::watch;
+
+use super::types::{
+    any_err, Entry, LogId, PeerNode, Snapshot, SnapshotMeta, StorageError, StorageIOError,
+    StoredMembership, TypeConfig,
+};
+use crate::registry::{NodeEntry, Registry, Response};
+
+const META_PREFIX: &[u8] = b"meta/";
+const APPLIED: &[u8] = b"meta/applied";
+const MEMBERSHIP: &[u8] = b"meta/membership";
+const SNAP_META: &[u8] = b"meta";
+const SNAP_DATA: &[u8] = b"data";
+
+/// State shared between the state machine (writer) and every reader on the
+/// node: the API, and later the router and stream pipelines.
+pub struct Shared {
+    /// The applied registry; see the module invariants.
+    registry: RwLock<Registry>,
+    /// Last applied index, for waiting on read barriers and change feeds.
+    applied: watch::Sender<u64>,
+    /// Snapshots received from a leader and installed by this process.
+    snapshots_installed: AtomicU64,
+}
+
+impl Shared {
+    fn new(registry: Registry) -> Self {
+        let (applied, _) = watch::channel(registry.last_index());
+        Shared {
+            registry: RwLock::new(registry),
+            applied,
+            snapshots_installed: AtomicU64::new(0),
+        }
+    }
+
+    /// Read access to the applied state. A poisoned lock means the state
+    /// machine panicked mid-apply; readers still see the last complete value
+    /// because apply swaps nothing in place before it has finished.
+    pub fn read(&self) -> RwLockReadGuard<'_, Registry> {
+        self.registry.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn replace(&self, reg: Registry) {
+        let index = reg.last_index();
+        *self.registry.write().unwrap_or_else(|p| p.into_inner()) = reg;
+        self.applied.send_replace(index);
+    }
+
+    pub fn applied_index(&self) -> u64 {
+        *self.applied.borrow()
+    }
+
+    pub fn subscribe_applied(&self) -> watch::Receiver<u64> {
+        self.applied.subscribe()
+    }
+
+    pub fn snapshots_installed(&self) -> u64 {
+        self.snapshots_installed.load(Ordering::Relaxed)
+    }
+}
+
+/// The sled-backed state machine openraft drives.
+pub struct StateMachineStore {
+    db: sled::Db,
+    sm: sled::Tree,
+    snap: sled::Tree,
+    shared: Arc<Shared>,
+    last_applied: Option<LogId>,
+    membership: StoredMembership,
+    /// Distinguishes snapshots built by this process at the same index.
+    snapshot_seq: u64,
+}
+
+/// Builds a snapshot from a copy of the state taken when openraft asked.
+pub struct SnapshotBuilder {
+    db: sled::Db,
+    snap: sled::Tree,
+    registry: Registry,
+    last_applied: Option<LogId>,
+    membership: StoredMembership,
+    seq: u64,
+}
+
+fn sm_read_err(e: impl std::error::Error + 'static) -> StorageError {
+    StorageIOError::read_state_machine(any_err(&e)).into()
+}
+
+fn sm_write_err(e: impl std::error::Error + 'static) -> StorageError {
+    StorageIOError::write_state_machine(any_err(&e)).into()
+}
+
+fn members_of(m: &StoredMembership) -> Vec<NodeEntry> {
+    let voters: std::collections::BTreeSet<u64> = m.membership().voter_ids().collect();
+    m.membership()
+        .nodes()
+        .map(|(id, n)| NodeEntry {
+            id: *id,
+            name: n.name.clone(),
+            api_addr: n.api_addr.clone(),
+            peer_addr: n.peer_addr.clone(),
+            voter: voters.contains(id),
+        })
+        .collect()
+}
+
+fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StorageError> {
+    serde_json::to_vec(v).map_err(sm_write_err)
+}
+
+impl StateMachineStore {
+    /// Opens the state machine persisted in `db`, restoring from the stored
+    /// snapshot if it is ahead of the stored state.
+    pub async fn open(db: &sled::Db) -> Result<Self, StorageError> {
+        let sm = db.open_tree("sm").map_err(sm_read_err)?;
+        let snap = db.open_tree("snapshot").map_err(sm_read_err)?;
+        let read_json = |k: &[u8]| -> Result<Option<Vec<u8>>, StorageError> {
+            Ok(sm.get(k).map_err(sm_read_err)?.map(|v| v.to_vec()))
+        };
+        let last_applied: Option<LogId> = match read_json(APPLIED)? {
+            Some(v) => serde_json::from_slice(&v).map_err(sm_read_err)?,
+            None => None,
+        };
+        let membership: StoredMembership = match read_json(MEMBERSHIP)? {
+            Some(v) => serde_json::from_slice(&v).map_err(sm_read_err)?,
+            None => StoredMembership::default(),
+        };
+        let mut entries = Vec::new();
+        for kv in sm.iter() {
+            let (k, v) = kv.map_err(sm_read_err)?;
+            if !k.starts_with(META_PREFIX) {
+                entries.push((k.to_vec(), v.to_vec()));
+            }
+        }
+        let registry =
+            Registry::load(entries, last_applied.map_or(0, |l| l.index)).map_err(sm_read_err)?;
+        let mut store = StateMachineStore {
+            db: db.clone(),
+            sm,
+            snap,
+            shared: Arc::new(Shared::new(registry)),
+            last_applied,
+            membership,
+            snapshot_seq: 0,
+        };
+        if let Some(s) = store.get_current_snapshot().await? {
+            if s.meta.last_log_id > store.last_applied {
+                store.restore(&s.meta, s.snapshot.into_inner())?;
+            }
+        }
+        Ok(store)
+    }
+
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+
+    /// Replaces the whole stored and in-memory state with a snapshot's.
+    fn restore(&mut self, meta: &SnapshotMeta, data: Vec<u8>) -> Result<(), StorageError> {
+        let mut registry: Registry = serde_json::from_slice(&data).map_err(sm_read_err)?;
+        registry.advance(meta.last_log_id.map_or(0, |l| l.index));
+        let mut batch = sled::Batch::default();
+        for k in self.sm.iter().keys() {
+            batch.remove(k.map_err(sm_read_err)?);
+        }
+        for (k, v) in registry.encode_all() {
+            batch.insert(k.encode(), v);
+        }
+        batch.insert(APPLIED, encode(&meta.last_log_id)?);
+        batch.insert(MEMBERSHIP, encode(&meta.last_membership)?);
+        self.sm.apply_batch(batch).map_err(sm_write_err)?;
+        self.last_applied = meta.last_log_id;
+        self.membership = meta.last_membership.clone();
+        self.shared.replace(registry);
+        Ok(())
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
+        let data = serde_json::to_vec(&self.registry).map_err(sm_read_err)?;
+        let snapshot_id = match self.last_applied {
+            Some(l) => format!("{}-{}-{}", l.leader_id, l.index, self.seq),
+            None => format!("none-{}", self.seq),
+        };
+        let meta = SnapshotMeta {
+            last_log_id: self.last_applied,
+            last_membership: self.membership.clone(),
+            snapshot_id,
+        };
+        let mut batch = sled::Batch::default();
+        batch.insert(SNAP_META, encode(&meta)?);
+        batch.insert(SNAP_DATA, data.clone());
+        let wr = |e: sled::Error| -> StorageError {
+            StorageIOError::write_snapshot(Some(meta.signature()), any_err(&e)).into()
+        };
+        self.snap.apply_batch(batch).map_err(wr)?;
+        // The log behind this snapshot may be purged as soon as we return.
+        self.db.flush_async().await.map_err(wr)?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        Ok((self.last_applied, self.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut responses = Vec::new();
+        let mut batch = sled::Batch::default();
+        let mut last_index = None;
+        {
+            let mut reg = self
+                .shared
+                .registry
+                .write()
+                .unwrap_or_else(|p| p.into_inner());
+            let mut touched = Vec::new();
+            let mut membership_changed = false;
+            for entry in entries {
+                let index = entry.log_id.index;
+                self.last_applied = Some(entry.log_id);
+                last_index = Some(index);
+                match entry.payload {
+                    EntryPayload::Blank => {
+                        reg.advance(index);
+                        responses.push(Response::None);
+                    }
+                    EntryPayload::Normal(cmd) => {
+                        let (resp, keys) = reg.apply(index, &cmd);
+                        touched.extend(keys);
+                        responses.push(resp);
+                    }
+                    EntryPayload::Membership(m) => {
+                        self.membership = StoredMembership::new(Some(entry.log_id), m);
+                        touched.extend(reg.set_members(index, members_of(&self.membership)));
+                        membership_changed = true;
+                        responses.push(Response::None);
+                    }
+                }
+            }
+            touched.sort();
+            touched.dedup();
+            for k in touched {
+                match reg.encode_value(&k) {
+                    Some(v) => batch.insert(k.encode(), v),
+                    None => batch.remove(k.encode()),
+                }
+            }
+            if membership_changed {
+                batch.insert(MEMBERSHIP, encode(&self.membership)?);
+            }
+        }
+        if last_index.is_some() {
+            batch.insert(APPLIED, encode(&self.last_applied)?);
+            self.sm.apply_batch(batch).map_err(sm_write_err)?;
+        }
+        if let Some(i) = last_index {
+            self.shared.applied.send_replace(i);
+        }
+        Ok(responses)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
+        self.snapshot_seq += 1;
+        SnapshotBuilder {
+            db: self.db.clone(),
+            snap: self.snap.clone(),
+            registry: self.shared.read().clone(),
+            last_applied: self.last_applied,
+            membership: self.membership.clone(),
+            seq: self.snapshot_seq,
+        }
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        let data = snapshot.into_inner();
+        let mut batch = sled::Batch::default();
+        batch.insert(SNAP_META, encode(meta)?);
+        batch.insert(SNAP_DATA, data.clone());
+        self.snap.apply_batch(batch).map_err(|e| {
+            StorageError::from(StorageIOError::write_snapshot(
+                Some(meta.signature()),
+                any_err(&e),
+            ))
+        })?;
+        self.restore(meta, data)?;
+        self.db.flush_async().await.map_err(sm_write_err)?;
+        self.shared
+            .snapshots_installed
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
+        let meta = self.snap.get(SNAP_META).map_err(sm_read_err)?;
+        let data = self.snap.get(SNAP_DATA).map_err(sm_read_err)?;
+        match (meta, data) {
+            (Some(m), Some(d)) => {
+                let meta: SnapshotMeta = serde_json::from_slice(&m).map_err(sm_read_err)?;
+                Ok(Some(Snapshot {
+                    meta,
+                    snapshot: Box::new(Cursor::new(d.to_vec())),
+                }))
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
+/// Names for members as the registry sees them; used by status endpoints.
+pub fn peer_of(n: &NodeEntry) -> PeerNode {
+    PeerNode {
+        name: n.name.clone(),
+        api_addr: n.api_addr.clone(),
+        peer_addr: n.peer_addr.clone(),
+    }
+}

@@ -1,0 +1,476 @@
+//! The replicated state machine's pure core: nodes, service instances, the
+//! commands that change them and the queries that read them.
+//!
+//! Owns: `Registry` (the applied state), `Command` (what is proposed to Raft),
+//! `Response` (what applying a command answered), `StateKey` (the unit of
+//! persistence) and the validation of user-supplied service definitions.
+//!
+//! Does not: touch tokio, sled, axum or openraft, read clocks or draw random
+//! numbers. Persistence lives in `raft::state_machine`, which asks this module
+//! which keys an apply touched and how each one encodes.
+//!
+//! Invariants:
+//! - `apply` is deterministic: the same sequence of `(index, Command)` gives
+//!   byte-identical state and responses on every replica. Every map is a
+//!   `BTreeMap`, so iteration order is part of the state, not of the process.
+//! - Business outcomes (not found, updated vs created) are `Response`
+//!   values, never errors: every replica computes the same one.
+//! - `last_index` only grows; it is the index of the last applied entry.
+
+mod duration;
+mod validate;
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+pub use duration::{parse_duration, DurationError};
+pub use validate::{validate_service, ValidationError};
+
+/// Raft node ids are plain integers chosen by the operator (`--id`).
+pub type NodeId = u64;
+
+/// A cluster member as the registry knows it (mirrors Raft membership).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeEntry {
+    pub id: NodeId,
+    pub name: String,
+    pub api_addr: String,
+    pub peer_addr: String,
+    pub voter: bool,
+}
+
+/// A check definition as given at registration. Stored verbatim so the
+/// health subsystem can evaluate it; the registry does not interpret it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckDef {
+    pub check_id: String,
+    pub name: String,
+    pub notes: String,
+    /// Initial status; Consul's rule is critical unless stated.
+    pub status: String,
+    pub ttl: Option<String>,
+    pub http: Option<String>,
+    pub method: Option<String>,
+    pub header: BTreeMap<String, Vec<String>>,
+    pub body: Option<String>,
+    pub tcp: Option<String>,
+    pub interval: Option<String>,
+    pub timeout: Option<String>,
+    pub deregister_critical_service_after: Option<String>,
+}
+
+/// What a client asks to register. Validated before it becomes a command.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceSpec {
+    pub id: String,
+    pub name: String,
+    pub tags: Vec<String>,
+    pub address: String,
+    pub port: u16,
+    pub meta: BTreeMap<String, String>,
+    pub checks: Vec<CheckDef>,
+}
+
+/// A registered service instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceInstance {
+    pub id: String,
+    pub name: String,
+    pub tags: Vec<String>,
+    pub address: String,
+    pub port: u16,
+    pub meta: BTreeMap<String, String>,
+    pub checks: Vec<CheckDef>,
+    /// The node the registration came through (Consul's "agent").
+    pub node: NodeId,
+    pub create_index: u64,
+    pub modify_index: u64,
+}
+
+/// A state change proposed to Raft.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Create or replace the instance `service.id`, owned by `via_node`.
+    RegisterService {
+        via_node: NodeId,
+        service: ServiceSpec,
+    },
+    /// Remove an instance; a missing id is a no-op.
+    DeregisterService { id: String },
+}
+
+/// What applying an entry answered; identical on every replica.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// Blank and membership entries.
+    #[default]
+    None,
+    Registered {
+        id: String,
+        created: bool,
+    },
+    Deregistered {
+        id: String,
+        existed: bool,
+    },
+}
+
+/// One persisted unit of registry state.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum StateKey {
+    Node(NodeId),
+    Service(String),
+}
+
+const NODE_PREFIX: &str = "node/";
+const SERVICE_PREFIX: &str = "svc/";
+
+impl StateKey {
+    /// The storage key: a readable prefix plus the id.
+    pub fn encode(&self) -> Vec<u8> {
+        match self {
+            StateKey::Node(id) => format!("{NODE_PREFIX}{id:020}").into_bytes(),
+            StateKey::Service(id) => format!("{SERVICE_PREFIX}{id}").into_bytes(),
+        }
+    }
+}
+
+/// Errors decoding persisted state; they mean the data dir is damaged.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("unknown state key {0:?}")]
+    UnknownKey(String),
+    #[error("corrupt value for {key}: {source}")]
+    Corrupt {
+        key: String,
+        source: serde_json::Error,
+    },
+}
+
+/// The applied registry state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Registry {
+    nodes: BTreeMap<NodeId, NodeEntry>,
+    services: BTreeMap<String, ServiceInstance>,
+    last_index: u64,
+}
+
+impl Registry {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Index of the last applied entry (0 before any).
+    pub fn last_index(&self) -> u64 {
+        self.last_index
+    }
+
+    /// Records that entries up to `index` were applied, including entries
+    /// (blank, membership) that carry no command.
+    pub fn advance(&mut self, index: u64) {
+        self.last_index = self.last_index.max(index);
+    }
+
+    /// Applies one command at log index `index`; returns the response and the
+    /// keys whose stored value changed.
+    pub fn apply(&mut self, index: u64, cmd: &Command) -> (Response, Vec<StateKey>) {
+        self.advance(index);
+        match cmd {
+            Command::RegisterService { via_node, service } => {
+                let create_index = self
+                    .services
+                    .get(&service.id)
+                    .map(|s| s.create_index)
+                    .unwrap_or(index);
+                let created = create_index == index;
+                let instance = ServiceInstance {
+                    id: service.id.clone(),
+                    name: service.name.clone(),
+                    tags: service.tags.clone(),
+                    address: service.address.clone(),
+                    port: service.port,
+                    meta: service.meta.clone(),
+                    checks: service.checks.clone(),
+                    node: *via_node,
+                    create_index,
+                    modify_index: index,
+                };
+                self.services.insert(service.id.clone(), instance);
+                (
+                    Response::Registered {
+                        id: service.id.clone(),
+                        created,
+                    },
+                    vec![StateKey::Service(service.id.clone())],
+                )
+            }
+            Command::DeregisterService { id } => {
+                let existed = self.services.remove(id).is_some();
+                let touched = if existed {
+                    vec![StateKey::Service(id.clone())]
+                } else {
+                    Vec::new()
+                };
+                (
+                    Response::Deregistered {
+                        id: id.clone(),
+                        existed,
+                    },
+                    touched,
+                )
+            }
+        }
+    }
+
+    /// Replaces the member list with the one a membership entry at `index`
+    /// committed. Nodes are derived from Raft membership, so they change
+    /// exactly where membership changes in the log.
+    pub fn set_members(&mut self, index: u64, members: Vec<NodeEntry>) -> Vec<StateKey> {
+        self.advance(index);
+        let mut touched: Vec<StateKey> = self.nodes.keys().map(|id| StateKey::Node(*id)).collect();
+        self.nodes = members.into_iter().map(|n| (n.id, n)).collect();
+        touched.extend(self.nodes.keys().map(|id| StateKey::Node(*id)));
+        touched.sort();
+        touched.dedup();
+        touched
+    }
+
+    /// The current encoding of `key`, or `None` when it no longer exists.
+    pub fn encode_value(&self, key: &StateKey) -> Option<Vec<u8>> {
+        // Serializing these plain structs cannot fail: no maps with
+        // non-string keys, no custom serializers.
+        match key {
+            StateKey::Node(id) => self
+                .nodes
+                .get(id)
+                .map(|n| serde_json::to_vec(n).expect("NodeEntry serializes")),
+            StateKey::Service(id) => self
+                .services
+                .get(id)
+                .map(|s| serde_json::to_vec(s).expect("ServiceInstance serializes")),
+        }
+    }
+
+    /// Rebuilds state from persisted `(key, value)` pairs plus the applied index.
+    pub fn load<I>(entries: I, last_index: u64) -> Result<Self, DecodeError>
+    where
+        I: IntoIterator<Item = (Vec<u8>, Vec<u8>)>,
+    {
+        let mut reg = Registry {
+            last_index,
+            ..Registry::default()
+        };
+        for (k, v) in entries {
+            let key = String::from_utf8_lossy(&k).into_owned();
+            let corrupt = |source| DecodeError::Corrupt {
+                key: key.clone(),
+                source,
+            };
+            if key.starts_with(NODE_PREFIX) {
+                let n: NodeEntry = serde_json::from_slice(&v).map_err(corrupt)?;
+                reg.nodes.insert(n.id, n);
+            } else if key.starts_with(SERVICE_PREFIX) {
+                let s: ServiceInstance = serde_json::from_slice(&v).map_err(corrupt)?;
+                reg.services.insert(s.id.clone(), s);
+            } else {
+                return Err(DecodeError::UnknownKey(key));
+            }
+        }
+        Ok(reg)
+    }
+
+    /// Every `(key, value)` pair, for writing a whole state at once.
+    pub fn encode_all(&self) -> Vec<(StateKey, Vec<u8>)> {
+        let keys = self
+            .nodes
+            .keys()
+            .map(|id| StateKey::Node(*id))
+            .chain(self.services.keys().map(|id| StateKey::Service(id.clone())));
+        keys.filter_map(|k| self.encode_value(&k).map(|v| (k, v)))
+            .collect()
+    }
+
+    pub fn nodes(&self) -> impl Iterator<Item = &NodeEntry> {
+        self.nodes.values()
+    }
+
+    pub fn node(&self, id: NodeId) -> Option<&NodeEntry> {
+        self.nodes.get(&id)
+    }
+
+    pub fn services(&self) -> impl Iterator<Item = &ServiceInstance> {
+        self.services.values()
+    }
+
+    pub fn service(&self, id: &str) -> Option<&ServiceInstance> {
+        self.services.get(id)
+    }
+
+    /// Instances of one service name, ordered by id.
+    pub fn instances_of<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a ServiceInstance> {
+        self.services.values().filter(move |s| s.name == name)
+    }
+
+    /// Service name → union of its instances' tags (sorted, deduplicated).
+    pub fn service_names(&self) -> BTreeMap<String, Vec<String>> {
+        let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for s in self.services.values() {
+            let tags = out.entry(s.name.clone()).or_default();
+            tags.extend(s.tags.iter().cloned());
+        }
+        for tags in out.values_mut() {
+            tags.sort();
+            tags.dedup();
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(id: &str, name: &str, port: u16) -> ServiceSpec {
+        ServiceSpec {
+            id: id.into(),
+            name: name.into(),
+            port,
+            tags: vec!["t".into()],
+            ..ServiceSpec::default()
+        }
+    }
+
+    fn register(reg: &mut Registry, index: u64, s: ServiceSpec) -> Response {
+        reg.apply(
+            index,
+            &Command::RegisterService {
+                via_node: 1,
+                service: s,
+            },
+        )
+        .0
+    }
+
+    #[test]
+    fn register_creates_then_updates_keeping_create_index() {
+        let mut reg = Registry::new();
+        let r = register(&mut reg, 5, spec("web-1", "web", 80));
+        assert_eq!(
+            r,
+            Response::Registered {
+                id: "web-1".into(),
+                created: true
+            }
+        );
+        let r = register(&mut reg, 9, spec("web-1", "web", 81));
+        assert_eq!(
+            r,
+            Response::Registered {
+                id: "web-1".into(),
+                created: false
+            }
+        );
+        let s = reg.service("web-1").expect("registered");
+        assert_eq!((s.create_index, s.modify_index, s.port), (5, 9, 81));
+        assert_eq!(reg.last_index(), 9);
+    }
+
+    #[test]
+    fn deregister_missing_is_a_noop_with_no_touched_keys() {
+        let mut reg = Registry::new();
+        let (r, touched) = reg.apply(3, &Command::DeregisterService { id: "x".into() });
+        assert_eq!(
+            r,
+            Response::Deregistered {
+                id: "x".into(),
+                existed: false
+            }
+        );
+        assert!(touched.is_empty());
+        assert_eq!(reg.last_index(), 3);
+    }
+
+    #[test]
+    fn apply_is_deterministic_across_replicas() {
+        let cmds: Vec<Command> = (0..50u16)
+            .map(|i| {
+                if i % 7 == 3 {
+                    Command::DeregisterService {
+                        id: format!("s{}", i - 1),
+                    }
+                } else {
+                    Command::RegisterService {
+                        via_node: u64::from(i % 3) + 1,
+                        service: spec(&format!("s{}", i % 11), &format!("n{}", i % 4), i),
+                    }
+                }
+            })
+            .collect();
+        let run = || {
+            let mut reg = Registry::new();
+            let responses: Vec<Response> = cmds
+                .iter()
+                .enumerate()
+                .map(|(i, c)| reg.apply(i as u64 + 1, c).0)
+                .collect();
+            (serde_json::to_vec(&reg).expect("serializes"), responses)
+        };
+        assert_eq!(run(), run());
+    }
+
+    #[test]
+    fn persisted_encoding_round_trips() {
+        let mut reg = Registry::new();
+        reg.set_members(
+            1,
+            vec![NodeEntry {
+                id: 1,
+                name: "node1".into(),
+                api_addr: "127.0.0.1:8500".into(),
+                peer_addr: "127.0.0.1:8300".into(),
+                voter: true,
+            }],
+        );
+        register(&mut reg, 2, spec("a", "web", 1));
+        register(&mut reg, 3, spec("b", "db", 2));
+        let pairs = reg
+            .encode_all()
+            .into_iter()
+            .map(|(k, v)| (k.encode(), v))
+            .collect::<Vec<_>>();
+        let loaded = Registry::load(pairs, reg.last_index()).expect("loads");
+        assert_eq!(loaded, reg);
+    }
+
+    #[test]
+    fn set_members_reports_removed_and_added_nodes() {
+        let mut reg = Registry::new();
+        let node = |id| NodeEntry {
+            id,
+            name: format!("node{id}"),
+            api_addr: String::new(),
+            peer_addr: String::new(),
+            voter: true,
+        };
+        reg.set_members(1, vec![node(1), node(2)]);
+        let touched = reg.set_members(2, vec![node(2), node(3)]);
+        assert_eq!(
+            touched,
+            vec![StateKey::Node(1), StateKey::Node(2), StateKey::Node(3)]
+        );
+        assert!(reg.encode_value(&StateKey::Node(1)).is_none());
+    }
+
+    #[test]
+    fn service_names_merge_tags() {
+        let mut reg = Registry::new();
+        let mut a = spec("a", "web", 1);
+        a.tags = vec!["z".into(), "a".into()];
+        let mut b = spec("b", "web", 2);
+        b.tags = vec!["a".into(), "m".into()];
+        register(&mut reg, 1, a);
+        register(&mut reg, 2, b);
+        assert_eq!(reg.service_names()["web"], vec!["a", "m", "z"]);
+    }
+}
