@@ -78,6 +78,25 @@ async fn drain(tracker: &TaskTracker, what: &str) {
     }
 }
 
+/// Serves `app` on `listener` until `stop` is cancelled, tracked by `tasks`.
+fn serve(
+    tasks: &TaskTracker,
+    listener: TcpListener,
+    app: axum::Router,
+    stop: &CancellationToken,
+    what: &'static str,
+) {
+    let stop = stop.clone();
+    tasks.spawn(async move {
+        let res = axum::serve(listener, app)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await;
+        if let Err(e) = res {
+            tracing::error!(error = %e, server = what, "server failed");
+        }
+    });
+}
+
 /// Runs a node until `shutdown` resolves, then shuts it down cleanly.
 pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let api_listener = TcpListener::bind(cfg.api_addr)
@@ -140,30 +159,20 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
     let peer_tasks = TaskTracker::new();
     let api_tasks = TaskTracker::new();
     let bootstrap_tasks = TaskTracker::new();
-    {
-        let app = crate::raft::server::router(node.clone());
-        let stop = peer_stop.clone();
-        peer_tasks.spawn(async move {
-            let res = axum::serve(peer_listener, app)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await;
-            if let Err(e) = res {
-                tracing::error!(error = %e, "peer server failed");
-            }
-        });
-    }
-    {
-        let app = crate::api::router(node.clone());
-        let stop = api_stop.clone();
-        api_tasks.spawn(async move {
-            let res = axum::serve(api_listener, app)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await;
-            if let Err(e) = res {
-                tracing::error!(error = %e, "API server failed");
-            }
-        });
-    }
+    serve(
+        &peer_tasks,
+        peer_listener,
+        crate::raft::server::router(node.clone()),
+        &peer_stop,
+        "peer",
+    );
+    serve(
+        &api_tasks,
+        api_listener,
+        crate::api::router(node.clone()),
+        &api_stop,
+        "API",
+    );
 
     let ready = Ready {
         id: cfg.id,

@@ -55,12 +55,12 @@ fn weights() -> Value {
 
 fn agent_service(s: &ServiceInstance) -> Value {
     json!({
-        "ID": s.id,
-        "Service": s.name,
-        "Tags": s.tags,
-        "Meta": s.meta,
-        "Port": s.port,
-        "Address": s.address,
+        "ID": s.spec.id,
+        "Service": s.spec.name,
+        "Tags": s.spec.tags,
+        "Meta": s.spec.meta,
+        "Port": s.spec.port,
+        "Address": s.spec.address,
         "Weights": weights(),
         "EnableTagOverride": false,
         "Datacenter": DC,
@@ -80,12 +80,12 @@ fn catalog_entry(reg: &Registry, s: &ServiceInstance) -> Value {
         "Datacenter": DC,
         "TaggedAddresses": {"lan": addr, "wan": addr},
         "NodeMeta": {},
-        "ServiceID": s.id,
-        "ServiceName": s.name,
-        "ServiceTags": s.tags,
-        "ServiceAddress": s.address,
-        "ServicePort": s.port,
-        "ServiceMeta": s.meta,
+        "ServiceID": s.spec.id,
+        "ServiceName": s.spec.name,
+        "ServiceTags": s.spec.tags,
+        "ServiceAddress": s.spec.address,
+        "ServicePort": s.spec.port,
+        "ServiceMeta": s.spec.meta,
         "ServiceEnableTagOverride": false,
         "ServiceWeights": weights(),
         "CreateIndex": s.create_index,
@@ -105,11 +105,11 @@ fn checks_of(reg: &Registry, s: &ServiceInstance) -> Vec<Value> {
         "Notes": "", "Output": if member { "Agent alive and reachable" } else { "Node is not a cluster member" },
         "ServiceID": "", "ServiceName": "", "ServiceTags": [], "Type": "", "Namespace": "default",
     })];
-    out.extend(s.checks.iter().map(|c| {
+    out.extend(s.spec.checks.iter().map(|c| {
         json!({
             "Node": node, "CheckID": c.check_id, "Name": c.name, "Status": c.status,
-            "Notes": c.notes, "Output": "", "ServiceID": s.id, "ServiceName": s.name,
-            "ServiceTags": s.tags,
+            "Notes": c.notes, "Output": "", "ServiceID": s.spec.id, "ServiceName": s.spec.name,
+            "ServiceTags": s.spec.tags,
             "Type": if c.ttl.is_some() { "ttl" } else if c.http.is_some() { "http" } else if c.tcp.is_some() { "tcp" } else { "" },
             "Namespace": "default",
         })
@@ -147,7 +147,7 @@ pub async fn agent_services(
         let map: serde_json::Map<String, Value> = reg
             .services()
             .filter(|s| s.node == me)
-            .map(|s| (s.id.clone(), agent_service(s)))
+            .map(|s| (s.spec.id.clone(), agent_service(s)))
             .collect();
         Value::Object(map)
     })
@@ -173,7 +173,7 @@ pub async fn catalog_service(
     let tag = p.get("tag").map(str::to_owned);
     read(&node, &p, move |reg| {
         reg.instances_of(&name)
-            .filter(|s| tag.as_ref().is_none_or(|t| s.tags.contains(t)))
+            .filter(|s| tag.as_ref().is_none_or(|t| s.spec.tags.contains(t)))
             .map(|s| catalog_entry(reg, s))
             .collect::<Vec<_>>()
     })
@@ -197,7 +197,7 @@ pub async fn health_service(
     let tag = p.get("tag").map(str::to_owned);
     read(&node, &p, move |reg| {
         reg.instances_of(&name)
-            .filter(|s| tag.as_ref().is_none_or(|t| s.tags.contains(t)))
+            .filter(|s| tag.as_ref().is_none_or(|t| s.spec.tags.contains(t)))
             .filter_map(|s| {
                 let checks = checks_of(reg, s);
                 if passing_only && checks.iter().any(|c| c["Status"] != "passing") {
@@ -208,7 +208,7 @@ pub async fn health_service(
                     node_json,
                 );
                 let mut service = agent_service(s);
-                service["Address"] = json!(s.address);
+                service["Address"] = json!(s.spec.address);
                 Some(json!({"Node": node, "Service": service, "Checks": checks}))
             })
             .collect::<Vec<_>>()
@@ -221,6 +221,12 @@ pub async fn status_leader(State(node): Node) -> Result<Response, ApiError> {
     Ok(super::local_json(&node, json!(leader)))
 }
 
-pub async fn status_peers(State(node): Node) -> Result<Response, ApiError> {
+/// Strongly consistent in Consul, so it passes the read barrier unless
+/// `?stale` is given.
+pub async fn status_peers(State(node): Node, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
+    let p = Params::parse(q.as_deref());
+    if super::Consistency::from_params(&p)? != super::Consistency::Stale {
+        node.linearize().await?;
+    }
     Ok(super::local_json(&node, json!(node.voter_peer_addrs())))
 }

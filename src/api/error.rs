@@ -22,6 +22,10 @@ pub enum ApiError {
     PayloadTooLarge { limit: usize },
     #[error(transparent)]
     Validation(#[from] ValidationError),
+    #[error("too many requests in flight on this node; retry shortly")]
+    Overloaded,
+    #[error("the request did not finish in time; if it was a write, its outcome is unknown")]
+    RequestTimeout,
     #[error(transparent)]
     Cluster(#[from] ClusterError),
 }
@@ -37,6 +41,8 @@ impl ApiError {
             ApiError::PayloadTooLarge { .. } => {
                 (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
             }
+            ApiError::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
+            ApiError::RequestTimeout => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
             ApiError::Cluster(c) => match c {
                 C::NoLeader | C::NotLeader => (StatusCode::SERVICE_UNAVAILABLE, "no_leader"),
                 C::NoQuorum(_) => (StatusCode::SERVICE_UNAVAILABLE, "no_quorum"),

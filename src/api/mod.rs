@@ -1,7 +1,8 @@
 //! The client-facing HTTP API: Consul-compatible routes, native routes,
 //! read consistency and the `X-Consul-*` headers.
 //!
-//! Owns routing, the per-request tracing span, the body limit and the read
+//! Owns routing, the per-request tracing span, the request bounds (body
+//! size, in-flight count, duration) and the read
 //! path (`read`): default and `?consistent` reads pass `RaftNode::linearize`
 //! first; `?stale` answers from the local applied state. Does not own state
 //! or decide anything: writes go to `RaftNode::write`.
@@ -16,14 +17,16 @@ pub mod error;
 mod native;
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use axum::extract::{DefaultBodyLimit, Request};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::Serialize;
+use tokio::sync::Semaphore;
 use tracing::Instrument;
 
 use crate::raft::bootstrap::PATH_JOIN;
@@ -126,10 +129,31 @@ pub(crate) fn write_response(
     res
 }
 
-async fn request_span(req: Request, next: Next) -> Response {
+/// Bounds on client requests: how many run at once and for how long.
+#[derive(Clone)]
+struct Limits {
+    /// One permit per in-flight request; taken before any work, so an
+    /// overloaded node sheds load with a 503 instead of queueing without end.
+    permits: Arc<Semaphore>,
+    timeout: Duration,
+}
+
+/// Longest any client request may run. Writes need at most leader wait +
+/// commit wait + forwarding slack, well below this.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Most client requests in flight at once.
+pub const MAX_IN_FLIGHT: usize = 1024;
+
+async fn guard(State(limits): State<Limits>, req: Request, next: Next) -> Response {
     let span = tracing::info_span!("http", method = %req.method(), path = %req.uri().path());
     async move {
-        let res = next.run(req).await;
+        let Ok(_permit) = limits.permits.clone().try_acquire_owned() else {
+            return ApiError::Overloaded.into_response();
+        };
+        let res = match tokio::time::timeout(limits.timeout, next.run(req)).await {
+            Ok(res) => res,
+            Err(_) => ApiError::RequestTimeout.into_response(),
+        };
         tracing::debug!(status = res.status().as_u16(), "answered");
         res
     }
@@ -171,6 +195,12 @@ pub fn router(node: Arc<RaftNode>) -> Router {
         .route("/readyz", get(native::readyz))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(axum::middleware::from_fn(request_span))
+        .layer(axum::middleware::from_fn_with_state(
+            Limits {
+                permits: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+                timeout: REQUEST_TIMEOUT,
+            },
+            guard,
+        ))
         .with_state(node)
 }

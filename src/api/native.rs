@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -21,8 +21,15 @@ use crate::raft::{MembershipOp, PeerNode, RaftNode};
 
 type Node = State<Arc<RaftNode>>;
 
-pub async fn members(State(node): Node) -> Result<Response, ApiError> {
-    Ok(super::local_json(&node, json!(node.members())))
+/// Default mode asks the leader (which alone knows matched indexes);
+/// `?stale` answers from local membership.
+pub async fn members(State(node): Node, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
+    let p = super::body::Params::parse(q.as_deref());
+    let members = match super::Consistency::from_params(&p)? {
+        super::Consistency::Stale => node.members(),
+        _ => node.members_from_leader().await?,
+    };
+    Ok(super::local_json(&node, json!(members)))
 }
 
 pub async fn add_member(

@@ -140,6 +140,7 @@ pub struct RaftNode {
 pub(crate) const PATH_WRITE: &str = "/internal/write";
 pub(crate) const PATH_READ_INDEX: &str = "/internal/read-index";
 pub(crate) const PATH_MEMBERSHIP: &str = "/internal/membership";
+pub(crate) const PATH_MEMBERS: &str = "/internal/members";
 
 /// Slack added to forwarded calls so the leader's own timeout fires first
 /// and its more precise answer comes back.
@@ -263,14 +264,31 @@ impl RaftNode {
 
     /// Commits `cmd` through whichever node leads; see the module invariants.
     pub async fn write(&self, cmd: Command) -> Result<Written, ClusterError> {
+        let timeout = self.timing.write_timeout;
+        self.on_leader(PATH_WRITE, &cmd, timeout, || self.write_local(cmd.clone()))
+            .await
+    }
+
+    /// Runs `local` if this node leads, else sends `req` to the leader's
+    /// `path`; retries while there is no (reachable) leader, up to the
+    /// leader wait.
+    async fn on_leader<Req, T, Fut>(
+        &self,
+        path: &str,
+        req: &Req,
+        timeout: Duration,
+        local: impl Fn() -> Fut,
+    ) -> Result<T, ClusterError>
+    where
+        Req: Serialize,
+        T: serde::de::DeserializeOwned,
+        Fut: std::future::Future<Output = Result<T, ClusterError>>,
+    {
         let deadline = Instant::now() + self.timing.leader_wait;
         loop {
             let outcome = match self.leader_and_node() {
-                Some((leader, _)) if leader == self.id => self.write_local(cmd.clone()).await,
-                Some((_, Some(node))) => {
-                    self.forward(&node.peer_addr, PATH_WRITE, &cmd, self.timing.write_timeout)
-                        .await
-                }
+                Some((leader, _)) if leader == self.id => local().await,
+                Some((_, Some(node))) => self.forward(&node.peer_addr, path, req, timeout).await,
                 _ => Err(ClusterError::NoLeader),
             };
             match outcome {
@@ -330,29 +348,20 @@ impl RaftNode {
     /// A linearizable read barrier: when it returns `Ok`, the local applied
     /// state includes every write acknowledged before the call began.
     pub async fn linearize(&self) -> Result<(), ClusterError> {
-        let deadline = Instant::now() + self.timing.leader_wait;
-        loop {
-            let outcome = match self.leader_and_node() {
-                Some((leader, _)) if leader == self.id => self.read_index_local().await,
-                Some((_, Some(node))) => {
-                    self.forward(
-                        &node.peer_addr,
-                        PATH_READ_INDEX,
-                        &(),
-                        self.timing.leader_wait,
-                    )
-                    .await
-                }
-                _ => Err(ClusterError::NoLeader),
-            };
-            match outcome {
-                Ok(index) => return self.wait_applied(index).await,
-                Err(ClusterError::NotLeader | ClusterError::NoLeader) => {
-                    self.wait_for_change(deadline).await?
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        let index = self
+            .on_leader(PATH_READ_INDEX, &(), self.timing.leader_wait, || {
+                self.read_index_local()
+            })
+            .await?;
+        self.wait_applied(index).await
+    }
+
+    /// Members as the leader sees them (with matched indexes), from any node.
+    pub async fn members_from_leader(&self) -> Result<Vec<Member>, ClusterError> {
+        self.on_leader(PATH_MEMBERS, &(), self.timing.leader_wait, || async {
+            Ok(self.members())
+        })
+        .await
     }
 
     /// On the leader: confirms leadership with a quorum and returns the index
@@ -387,25 +396,12 @@ impl RaftNode {
 
     /// Adds or removes a member through the leader.
     pub async fn change_membership(&self, op: MembershipOp) -> Result<u64, ClusterError> {
-        let deadline = Instant::now() + self.timing.leader_wait;
         // Catching a learner up may take a while; give it several commit waits.
         let timeout = self.timing.write_timeout * 4;
-        loop {
-            let outcome = match self.leader_and_node() {
-                Some((leader, _)) if leader == self.id => self.membership_local(op.clone()).await,
-                Some((_, Some(node))) => {
-                    self.forward(&node.peer_addr, PATH_MEMBERSHIP, &op, timeout)
-                        .await
-                }
-                _ => Err(ClusterError::NoLeader),
-            };
-            match outcome {
-                Err(ClusterError::NotLeader | ClusterError::NoLeader) => {
-                    self.wait_for_change(deadline).await?
-                }
-                other => return other,
-            }
-        }
+        self.on_leader(PATH_MEMBERSHIP, &op, timeout, || {
+            self.membership_local(op.clone())
+        })
+        .await
     }
 
     pub(crate) async fn membership_local(&self, op: MembershipOp) -> Result<u64, ClusterError> {

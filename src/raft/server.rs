@@ -17,7 +17,8 @@ use super::types::{
     SnapshotResponse, VoteRequest, VoteResponse,
 };
 use super::{
-    ClusterError, MembershipOp, RaftNode, Written, PATH_MEMBERSHIP, PATH_READ_INDEX, PATH_WRITE,
+    ClusterError, Member, MembershipOp, RaftNode, Written, PATH_MEMBERS, PATH_MEMBERSHIP,
+    PATH_READ_INDEX, PATH_WRITE,
 };
 use crate::registry::Command;
 
@@ -87,6 +88,10 @@ async fn membership(
     Json(n.membership_local(op).instrument(span).await)
 }
 
+async fn members(State(n): Node) -> Json<Result<Vec<Member>, ClusterError>> {
+    Json(Ok(n.members()))
+}
+
 /// The peer router over `node`.
 pub fn router(node: Arc<RaftNode>) -> Router {
     Router::new()
@@ -96,6 +101,7 @@ pub fn router(node: Arc<RaftNode>) -> Router {
         .route(PATH_WRITE, post(forwarded_write))
         .route(PATH_READ_INDEX, post(read_index))
         .route(PATH_MEMBERSHIP, post(membership))
+        .route(PATH_MEMBERS, post(members))
         .layer(DefaultBodyLimit::max(MAX_PEER_BODY))
         .with_state(node)
 }

@@ -72,16 +72,12 @@ pub struct ServiceSpec {
     pub checks: Vec<CheckDef>,
 }
 
-/// A registered service instance.
+/// A registered service instance: the spec as last registered plus the
+/// registry's bookkeeping.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceInstance {
-    pub id: String,
-    pub name: String,
-    pub tags: Vec<String>,
-    pub address: String,
-    pub port: u16,
-    pub meta: BTreeMap<String, String>,
-    pub checks: Vec<CheckDef>,
+    #[serde(flatten)]
+    pub spec: ServiceSpec,
     /// The node the registration came through (Consul's "agent").
     pub node: NodeId,
     pub create_index: u64,
@@ -185,13 +181,7 @@ impl Registry {
                     .unwrap_or(index);
                 let created = create_index == index;
                 let instance = ServiceInstance {
-                    id: service.id.clone(),
-                    name: service.name.clone(),
-                    tags: service.tags.clone(),
-                    address: service.address.clone(),
-                    port: service.port,
-                    meta: service.meta.clone(),
-                    checks: service.checks.clone(),
+                    spec: service.clone(),
                     node: *via_node,
                     create_index,
                     modify_index: index,
@@ -272,7 +262,7 @@ impl Registry {
                 reg.nodes.insert(n.id, n);
             } else if key.starts_with(SERVICE_PREFIX) {
                 let s: ServiceInstance = serde_json::from_slice(&v).map_err(corrupt)?;
-                reg.services.insert(s.id.clone(), s);
+                reg.services.insert(s.spec.id.clone(), s);
             } else {
                 return Err(DecodeError::UnknownKey(key));
             }
@@ -309,15 +299,15 @@ impl Registry {
 
     /// Instances of one service name, ordered by id.
     pub fn instances_of<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a ServiceInstance> {
-        self.services.values().filter(move |s| s.name == name)
+        self.services.values().filter(move |s| s.spec.name == name)
     }
 
     /// Service name → union of its instances' tags (sorted, deduplicated).
     pub fn service_names(&self) -> BTreeMap<String, Vec<String>> {
         let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for s in self.services.values() {
-            let tags = out.entry(s.name.clone()).or_default();
-            tags.extend(s.tags.iter().cloned());
+            let tags = out.entry(s.spec.name.clone()).or_default();
+            tags.extend(s.spec.tags.iter().cloned());
         }
         for tags in out.values_mut() {
             tags.sort();
@@ -372,7 +362,7 @@ mod tests {
             }
         );
         let s = reg.service("web-1").expect("registered");
-        assert_eq!((s.create_index, s.modify_index, s.port), (5, 9, 81));
+        assert_eq!((s.create_index, s.modify_index, s.spec.port), (5, 9, 81));
         assert_eq!(reg.last_index(), 9);
     }
 
