@@ -43,6 +43,7 @@ struct Ready<'a> {
     api_addr: String,
     peer_addr: String,
     pid: u32,
+    data_dir: String,
 }
 
 fn write_addrs(dir: &Path, ready: &Ready<'_>) -> anyhow::Result<()> {
@@ -180,6 +181,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
         api_addr: api_addr.to_string(),
         peer_addr: peer_addr.to_string(),
         pid: std::process::id(),
+        data_dir: dir.display().to_string(),
     };
     write_addrs(&dir, &ready)?;
     tracing::info!(

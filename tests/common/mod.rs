@@ -302,6 +302,12 @@ impl Cluster {
     /// node 3 joins 1 and 2. Waits until all nodes agree on one leader and returns its id.
     pub async fn form(&mut self) -> Result<u64> {
         let ids = self.ids();
+        self.form_ids(&ids).await
+    }
+
+    /// [`Cluster::form`] over a subset of the prepared nodes; the others stay unstarted.
+    pub async fn form_ids(&mut self, ids: &[u64]) -> Result<u64> {
+        let ids = ids.to_vec();
         let expect = ids.len().to_string();
         let mut apis: Vec<String> = Vec::new();
         for &id in &ids {
@@ -316,6 +322,13 @@ impl Cluster {
             apis.push(self.api_addr(id)?);
         }
         self.wait_for_leader(&ids).await
+    }
+
+    /// Adds flags to node `id`'s command line, for this and every later run.
+    pub fn add_flags(&mut self, id: u64, flags: &[&str]) -> Result<()> {
+        let node = self.node_mut(id)?;
+        node.flags.extend(flags.iter().map(|f| f.to_string()));
+        Ok(())
     }
 
     /// Spawns node `id` without waiting for it. The first run binds port 0; later runs reuse
