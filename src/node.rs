@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::AgentConfig;
-use crate::raft::log_store::LogStore;
+use crate::raft::log_store::{LogStore, Syncer};
 use crate::raft::network::{NetworkFactory, PeerClient};
 use crate::raft::state_machine::StateMachineStore;
 use crate::raft::{bootstrap, PeerNode, Raft, RaftNode, Timing};
@@ -111,16 +111,17 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
 
     let dir = cfg.data_dir.path().to_path_buf();
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let sled_dir = dir.join("sled");
     let db = sled::Config::new()
-        .path(dir.join("sled"))
-        .cache_capacity(16 * 1024 * 1024)
+        .path(&sled_dir)
+        .cache_capacity(4 * 1024 * 1024)
         .open()
         .with_context(|| format!("opening sled in {}", dir.display()))?;
     let had_state = LogStore::has_state(&db)?;
 
     let committed = Arc::new(AtomicU64::new(0));
-    let log_store = LogStore::open(&db, committed.clone())?;
-    let sm = StateMachineStore::open(&db)
+    let log_store = LogStore::open(&db, &sled_dir, committed.clone())?;
+    let sm = StateMachineStore::open(&db, Syncer::new(&db, &sled_dir)?)
         .await
         .context("opening state machine")?;
     let shared = sm.shared();

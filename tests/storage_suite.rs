@@ -8,7 +8,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use openraft::testing::{StoreBuilder, Suite};
-use raftmesh::raft::log_store::LogStore;
+use raftmesh::raft::log_store::{LogStore, Syncer};
 use raftmesh::raft::state_machine::StateMachineStore;
 use raftmesh::raft::types::{any_err, StorageError, StorageIOError, TypeConfig};
 use tempfile::TempDir;
@@ -21,12 +21,15 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, TempDir> for SledBuil
             StorageIOError::write(any_err(&std::io::Error::other(e.to_string()))).into()
         };
         let dir = tempfile::tempdir().map_err(|e| io(&e))?;
+        let sled_dir = dir.path().join("sled");
         let db = sled::Config::new()
-            .path(dir.path().join("sled"))
+            .path(&sled_dir)
             .open()
             .map_err(|e| io(&e))?;
-        let log = LogStore::open(&db, Arc::new(AtomicU64::new(0))).map_err(|e| io(&e))?;
-        let sm = StateMachineStore::open(&db).await?;
+        let log =
+            LogStore::open(&db, &sled_dir, Arc::new(AtomicU64::new(0))).map_err(|e| io(&e))?;
+        let syncer = Syncer::new(&db, &sled_dir).map_err(|e| io(&e))?;
+        let sm = StateMachineStore::open(&db, syncer).await?;
         Ok((dir, log, sm))
     }
 }

@@ -1,28 +1,35 @@
 //! The Raft log, vote and committed/purged pointers in sled.
 //!
-//! Owns the `log` tree (key: big-endian index, value: JSON entry) and the
-//! `raft_meta` tree (`vote`, `committed`, `last_purged`). Does not hold the
-//! state machine (`state_machine.rs`) or snapshots.
+//! Owns the `log` tree (key: big-endian index, value: JSON entry), the
+//! `raft_meta` tree (`vote`, `committed`, `last_purged`) and the log flusher
+//! thread. Does not hold the state machine (`state_machine.rs`) or snapshots.
 //!
 //! Durability invariants:
-//! - `save_vote` returns only after sled has flushed the vote to disk.
-//! - `append` reports an entry as persisted (`LogFlushed`) only after a sled
-//!   flush that started after the entry was inserted.
+//! - "Synced" means sled flushed its buffers *and* the database file was
+//!   fdatasync'ed: sled 0.34 flushes with `sync_file_range`, which neither
+//!   empties the disk's write cache nor persists file growth, so we add the
+//!   fdatasync ourselves.
+//! - `save_vote` and `truncate` return only after a sync.
+//! - `append` reports entries as persisted (`LogFlushed`) only after a sync
+//!   that started after they were inserted.
 //! - `purge` records `last_purged` before deleting entries, so a crash in
 //!   between leaves extra entries, never a gap that the pointer hides.
 //!
 //! Concurrency: openraft drives one `LogStore` from its core task and clones
-//! `LogReader`s for replication; sled trees are internally synchronized and
-//! their handles are cheap clones. Flushing happens inline in `append`: while
-//! one flush runs, openraft queues the next client writes and appends them as
-//! one batch, so fsyncs are shared by every write that arrived meanwhile.
-
+//! `LogReader`s for replication; sled trees are internally synchronized.
+//! `append` inserts and hands its callback to the flusher thread (group
+//! commit): the thread takes every callback queued so far, syncs once and
+//! completes them in order. The core keeps replicating while the leader's
+//! own disk syncs, and one fsync serves every append that arrived meanwhile.
+//! The thread ends when the last `LogStore` handle is dropped.
 // openraft's storage traits fix `StorageError` as the error type; helpers
 // return it unboxed so `?` composes with the trait methods.
 #![allow(clippy::result_large_err)]
 
 use std::fmt::Debug;
+use std::fs::File;
 use std::ops::{Bound, RangeBounds};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -37,12 +44,67 @@ const VOTE: &[u8] = b"vote";
 const COMMITTED: &[u8] = b"committed";
 const LAST_PURGED: &[u8] = b"last_purged";
 
-/// Raft log storage over one sled database.
+/// Appends waiting for the flusher; bounds the queue between the core and
+/// the disk.
+const FLUSH_QUEUE: usize = 1024;
+
+/// Makes sled's writes durable: flush, then fdatasync the database file.
 #[derive(Clone)]
-pub struct LogStore {
+pub struct Syncer {
     db: sled::Db,
+    /// sled's main file; fdatasync on any descriptor persists the inode.
+    file: Arc<File>,
+}
+
+impl Syncer {
+    /// `sled_dir` is the directory `db` was opened in.
+    pub fn new(db: &sled::Db, sled_dir: &Path) -> std::io::Result<Self> {
+        Ok(Syncer {
+            db: db.clone(),
+            file: Arc::new(File::open(sled_dir.join("db"))?),
+        })
+    }
+
+    /// Blocking: flush sled, then fdatasync its file.
+    pub fn sync(&self) -> std::io::Result<()> {
+        self.db.flush().map_err(std::io::Error::other)?;
+        self.file.sync_data()
+    }
+
+    /// `sync` on tokio's blocking pool.
+    pub async fn sync_async(&self) -> std::io::Result<()> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || me.sync())
+            .await
+            .map_err(std::io::Error::other)?
+    }
+
+    /// Group-commit loop run on the flusher thread.
+    fn run(self, mut rx: tokio::sync::mpsc::Receiver<LogFlushed<TypeConfig>>) {
+        while let Some(first) = rx.blocking_recv() {
+            let mut batch = vec![first];
+            while let Ok(cb) = rx.try_recv() {
+                batch.push(cb);
+            }
+            let res = self.sync();
+            for cb in batch {
+                let r = match &res {
+                    Ok(()) => Ok(()),
+                    Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+                };
+                cb.log_io_completed(r);
+            }
+        }
+    }
+}
+
+/// Raft log storage over one sled database.
+pub struct LogStore {
     log: sled::Tree,
     meta: sled::Tree,
+    syncer: Syncer,
+    /// Appends whose callbacks wait for the next group sync.
+    flusher: tokio::sync::mpsc::Sender<LogFlushed<TypeConfig>>,
     /// Mirror of the last committed index openraft told us, for status pages.
     committed: Arc<AtomicU64>,
 }
@@ -83,13 +145,24 @@ fn read_entries<RB: RangeBounds<u64>>(
 }
 
 impl LogStore {
-    /// Opens the log trees of `db`; `committed` is shared with the node's
-    /// status reporting.
-    pub fn open(db: &sled::Db, committed: Arc<AtomicU64>) -> Result<Self, sled::Error> {
+    /// Opens the log trees of `db`, whose files are in `sled_dir`, and starts
+    /// the flusher thread; `committed` is shared with status reporting.
+    pub fn open(
+        db: &sled::Db,
+        sled_dir: &Path,
+        committed: Arc<AtomicU64>,
+    ) -> Result<Self, std::io::Error> {
+        let syncer = Syncer::new(db, sled_dir)?;
+        let (flusher, rx) = tokio::sync::mpsc::channel(FLUSH_QUEUE);
+        let thread_syncer = syncer.clone();
+        std::thread::Builder::new()
+            .name("raft-log-flusher".into())
+            .spawn(move || thread_syncer.run(rx))?;
         let store = LogStore {
-            db: db.clone(),
-            log: db.open_tree("log")?,
-            meta: db.open_tree("raft_meta")?,
+            log: db.open_tree("log").map_err(std::io::Error::other)?,
+            meta: db.open_tree("raft_meta").map_err(std::io::Error::other)?,
+            syncer,
+            flusher,
             committed,
         };
         if let Ok(Some(c)) = store.read_meta::<LogId>(COMMITTED) {
@@ -133,11 +206,16 @@ impl LogStore {
         Ok(())
     }
 
-    async fn flush(
+    /// Syncs off the async threads; used where openraft needs durability
+    /// before the call returns.
+    async fn sync_now(
         &self,
         io: fn(openraft::AnyError) -> StorageIOError,
     ) -> Result<(), StorageError> {
-        self.db.flush_async().await.map_err(|e| io(any_err(&e)))?;
+        self.syncer
+            .sync_async()
+            .await
+            .map_err(|e| io(any_err(&e)))?;
         Ok(())
     }
 }
@@ -187,7 +265,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
         self.write_meta(VOTE, vote, StorageIOError::write_vote)?;
-        self.flush(StorageIOError::write_vote).await
+        self.sync_now(StorageIOError::write_vote).await
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
@@ -225,13 +303,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.log
             .apply_batch(batch)
             .map_err(|e| StorageIOError::write_logs(any_err(&e)))?;
-        let res = self
-            .db
-            .flush_async()
+        // Durability is reported by the flusher thread once it has synced.
+        self.flusher
+            .send(callback)
             .await
-            .map(|_| ())
-            .map_err(std::io::Error::other);
-        callback.log_io_completed(res);
+            .map_err(|e| StorageIOError::write_logs(any_err(&e)))?;
         Ok(())
     }
 
@@ -243,7 +319,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.log
             .apply_batch(batch)
             .map_err(|e| StorageIOError::write_logs(any_err(&e)))?;
-        self.flush(StorageIOError::write_logs).await
+        self.sync_now(StorageIOError::write_logs).await
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {

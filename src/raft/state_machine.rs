@@ -30,6 +30,7 @@ use openraft::storage::RaftStateMachine;
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder};
 use tokio::sync::watch;
 
+use super::log_store::Syncer;
 use super::types::{
     any_err, Entry, LogId, PeerNode, Snapshot, SnapshotMeta, StorageError, StorageIOError,
     StoredMembership, TypeConfig,
@@ -91,7 +92,8 @@ impl Shared {
 
 /// The sled-backed state machine openraft drives.
 pub struct StateMachineStore {
-    db: sled::Db,
+    /// Makes snapshots and installed state durable before openraft relies on them.
+    syncer: Syncer,
     sm: sled::Tree,
     snap: sled::Tree,
     shared: Arc<Shared>,
@@ -103,7 +105,7 @@ pub struct StateMachineStore {
 
 /// Builds a snapshot from a copy of the state taken when openraft asked.
 pub struct SnapshotBuilder {
-    db: sled::Db,
+    syncer: Syncer,
     snap: sled::Tree,
     registry: Registry,
     last_applied: Option<LogId>,
@@ -140,7 +142,7 @@ fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StorageError> {
 impl StateMachineStore {
     /// Opens the state machine persisted in `db`, restoring from the stored
     /// snapshot if it is ahead of the stored state.
-    pub async fn open(db: &sled::Db) -> Result<Self, StorageError> {
+    pub async fn open(db: &sled::Db, syncer: Syncer) -> Result<Self, StorageError> {
         let sm = db.open_tree("sm").map_err(sm_read_err)?;
         let snap = db.open_tree("snapshot").map_err(sm_read_err)?;
         let read_json = |k: &[u8]| -> Result<Option<Vec<u8>>, StorageError> {
@@ -164,7 +166,7 @@ impl StateMachineStore {
         let registry =
             Registry::load(entries, last_applied.map_or(0, |l| l.index)).map_err(sm_read_err)?;
         let mut store = StateMachineStore {
-            db: db.clone(),
+            syncer,
             sm,
             snap,
             shared: Arc::new(Shared::new(registry)),
@@ -225,7 +227,12 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         };
         self.snap.apply_batch(batch).map_err(wr)?;
         // The log behind this snapshot may be purged as soon as we return.
-        self.db.flush_async().await.map_err(wr)?;
+        self.syncer.sync_async().await.map_err(|e| {
+            StorageError::from(StorageIOError::write_snapshot(
+                Some(meta.signature()),
+                any_err(&e),
+            ))
+        })?;
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),
@@ -303,7 +310,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
         self.snapshot_seq += 1;
         SnapshotBuilder {
-            db: self.db.clone(),
+            syncer: self.syncer.clone(),
             snap: self.snap.clone(),
             registry: self.shared.read().clone(),
             last_applied: self.last_applied,
@@ -332,7 +339,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             ))
         })?;
         self.restore(meta, data)?;
-        self.db.flush_async().await.map_err(sm_write_err)?;
+        self.syncer.sync_async().await.map_err(sm_write_err)?;
         self.shared
             .snapshots_installed
             .fetch_add(1, Ordering::Relaxed);
