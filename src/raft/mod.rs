@@ -16,6 +16,7 @@
 pub mod bootstrap;
 pub mod log_store;
 pub mod network;
+pub mod proposer;
 pub mod server;
 pub mod state_machine;
 pub mod types;
@@ -134,6 +135,8 @@ pub struct RaftNode {
     started: Instant,
     timing: Timing,
     discovery: Discovery,
+    /// Batches this node's proposals while it leads.
+    proposer: proposer::Proposer,
 }
 
 /// Paths of the internal calls on the peer listener.
@@ -151,6 +154,32 @@ fn stopped(e: impl std::fmt::Display) -> ClusterError {
     ClusterError::Stopped(e.to_string())
 }
 
+fn outcome_unknown(timeout: Duration) -> ClusterError {
+    ClusterError::OutcomeUnknown {
+        timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+    }
+}
+
+/// One `client_write` with openraft's errors mapped to ours.
+pub(crate) async fn client_write(
+    raft: &Raft,
+    cmd: Command,
+    timeout: Duration,
+) -> Result<Written, ClusterError> {
+    match tokio::time::timeout(timeout, raft.client_write(cmd)).await {
+        Err(_) => Err(outcome_unknown(timeout)),
+        Ok(Ok(resp)) => Ok(Written {
+            response: resp.data,
+            index: resp.log_id.index,
+        }),
+        Ok(Err(OpenRaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
+            Err(ClusterError::NotLeader)
+        }
+        Ok(Err(OpenRaftError::APIError(e))) => Err(ClusterError::Internal(e.to_string())),
+        Ok(Err(OpenRaftError::Fatal(e))) => Err(stopped(e)),
+    }
+}
+
 impl RaftNode {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
@@ -163,6 +192,7 @@ impl RaftNode {
         timing: Timing,
     ) -> Self {
         let discovery = Discovery::new(id, me.clone());
+        let proposer = proposer::Proposer::spawn(raft.clone(), timing.write_timeout);
         RaftNode {
             id,
             me,
@@ -174,6 +204,7 @@ impl RaftNode {
             started: Instant::now(),
             timing,
             discovery,
+            proposer,
         }
     }
 
@@ -300,22 +331,14 @@ impl RaftNode {
         }
     }
 
-    /// Proposes `cmd` on this node, which must be the leader.
+    /// Proposes `cmd` on this node, which must be the leader, batched with
+    /// whatever other writes are waiting (see `proposer`).
     pub(crate) async fn write_local(&self, cmd: Command) -> Result<Written, ClusterError> {
         let timeout = self.timing.write_timeout;
-        match tokio::time::timeout(timeout, self.raft.client_write(cmd)).await {
-            Err(_) => Err(ClusterError::OutcomeUnknown {
-                timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
-            }),
-            Ok(Ok(resp)) => Ok(Written {
-                response: resp.data,
-                index: resp.log_id.index,
-            }),
-            Ok(Err(OpenRaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
-                Err(ClusterError::NotLeader)
-            }
-            Ok(Err(OpenRaftError::APIError(e))) => Err(ClusterError::Internal(e.to_string())),
-            Ok(Err(OpenRaftError::Fatal(e))) => Err(stopped(e)),
+        // The caller's own bound: time in the queue counts too.
+        match tokio::time::timeout(timeout, self.proposer.propose(cmd)).await {
+            Ok(res) => res,
+            Err(_) => Err(outcome_unknown(timeout)),
         }
     }
 

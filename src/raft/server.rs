@@ -37,7 +37,9 @@ async fn append(
         entries = req.entries.len()
     );
     async move {
+        let started = std::time::Instant::now();
         let res = n.raft().append_entries(req).await;
+        tracing::debug!(elapsed_us = started.elapsed().as_micros() as u64, "append handled");
         if res.is_ok() {
             n.touch_leader_contact();
         }

@@ -94,6 +94,9 @@ pub enum Command {
     },
     /// Remove an instance; a missing id is a no-op.
     DeregisterService { id: String },
+    /// Several commands committed as one entry (group commit), applied in
+    /// order. Only the proposer builds batches, from single commands.
+    Batch(Vec<Command>),
 }
 
 /// What applying an entry answered; identical on every replica.
@@ -110,6 +113,8 @@ pub enum Response {
         id: String,
         existed: bool,
     },
+    /// One response per command of a `Command::Batch`, in order.
+    Batch(Vec<Response>),
 }
 
 /// One persisted unit of registry state.
@@ -194,6 +199,18 @@ impl Registry {
                     },
                     vec![StateKey::Service(service.id.clone())],
                 )
+            }
+            Command::Batch(cmds) => {
+                let mut touched = Vec::new();
+                let responses = cmds
+                    .iter()
+                    .map(|c| {
+                        let (r, t) = self.apply(index, c);
+                        touched.extend(t);
+                        r
+                    })
+                    .collect();
+                (Response::Batch(responses), touched)
             }
             Command::DeregisterService { id } => {
                 let existed = self.services.remove(id).is_some();
