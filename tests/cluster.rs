@@ -691,3 +691,52 @@ async fn bad_input_body(c: &mut Cluster) -> Result<()> {
     }
     Ok(())
 }
+
+/// Many registrations in flight at once through every node (the leader
+/// commits concurrent writes together): each acknowledged one is on every
+/// node, and every acknowledgement carries a commit index.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_through_every_node() -> Result<()> {
+    let mut c = Cluster::new(&[])?;
+    let r = concurrent_writes_body(&mut c).await;
+    c.finish(r)
+}
+
+async fn concurrent_writes_body(c: &mut Cluster) -> Result<()> {
+    c.form().await?;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..150u32 {
+        let via = u64::from(i % 3) + 1;
+        let url = c.url(via, "/v1/agent/service/register")?;
+        let http = c.client().clone();
+        tasks.spawn(async move {
+            let id = format!("burst-{i}");
+            let body = json!({"Name": "burst", "ID": id, "Port": 1000 + i});
+            let r = http.put(&url).json(&body).send().await?;
+            let status = r.status().as_u16();
+            let index = r
+                .headers()
+                .get("x-consul-index")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            anyhow::Ok((id, status, index))
+        });
+    }
+    let mut acked = BTreeSet::new();
+    while let Some(res) = tasks.join_next().await {
+        let (id, status, index) = res??;
+        ensure!(status == 200, "{id}: status {status}");
+        ensure!(index.is_some_and(|i| i >= 1), "{id}: index {index:?}");
+        acked.insert(id);
+    }
+    ensure!(acked.len() == 150, "only {} acknowledged", acked.len());
+    for id in c.ids() {
+        let seen = c.catalog_ids(id, "burst", "").await?;
+        ensure!(
+            seen == acked,
+            "node {id} is missing {:?}",
+            acked.difference(&seen).collect::<Vec<_>>()
+        );
+    }
+    Ok(())
+}

@@ -68,11 +68,9 @@ async fn run(raft: Raft, mut rx: mpsc::Receiver<Proposal>, write_timeout: Durati
             Command::Batch(proposals.iter().map(|p| p.cmd.clone()).collect())
         };
         let span = tracing::debug_span!("propose", commands = proposals.len());
-        let result = tracing::Instrument::instrument(
-            super::client_write(&raft, cmd, write_timeout),
-            span,
-        )
-        .await;
+        let result =
+            tracing::Instrument::instrument(super::client_write(&raft, cmd, write_timeout), span)
+                .await;
         match result {
             Ok(Written {
                 response: Response::Batch(responses),

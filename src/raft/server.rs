@@ -39,7 +39,10 @@ async fn append(
     async move {
         let started = std::time::Instant::now();
         let res = n.raft().append_entries(req).await;
-        tracing::debug!(elapsed_us = started.elapsed().as_micros() as u64, "append handled");
+        tracing::debug!(
+            elapsed_us = started.elapsed().as_micros() as u64,
+            "append handled"
+        );
         if res.is_ok() {
             n.touch_leader_contact();
         }

@@ -470,6 +470,45 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_applies_in_order_and_answers_each_command() {
+        let mut reg = Registry::new();
+        let batch = Command::Batch(vec![
+            Command::RegisterService {
+                via_node: 2,
+                service: spec("a", "web", 1),
+            },
+            Command::RegisterService {
+                via_node: 2,
+                service: spec("b", "web", 2),
+            },
+            Command::DeregisterService { id: "a".into() },
+        ]);
+        let (r, touched) = reg.apply(7, &batch);
+        assert_eq!(
+            r,
+            Response::Batch(vec![
+                Response::Registered {
+                    id: "a".into(),
+                    created: true
+                },
+                Response::Registered {
+                    id: "b".into(),
+                    created: true
+                },
+                Response::Deregistered {
+                    id: "a".into(),
+                    existed: true
+                },
+            ])
+        );
+        assert!(reg.service("a").is_none());
+        let b = reg.service("b").expect("b registered");
+        assert_eq!((b.create_index, b.modify_index, b.node), (7, 7, 2));
+        assert!(touched.contains(&StateKey::Service("a".into())));
+        assert_eq!(reg.last_index(), 7);
+    }
+
+    #[test]
     fn service_names_merge_tags() {
         let mut reg = Registry::new();
         let mut a = spec("a", "web", 1);
