@@ -33,6 +33,7 @@ use serde::{Deserialize, Serialize};
 use crate::registry::{Command, Registry, Response};
 pub use bootstrap::Discovery;
 use network::{PeerCallError, PeerClient};
+use proposer::Route;
 pub use state_machine::Shared;
 pub use types::{NodeId, PeerNode, Raft};
 
@@ -160,6 +161,38 @@ fn outcome_unknown(timeout: Duration) -> ClusterError {
     }
 }
 
+/// The current leader and, if membership knows it, how to reach it.
+pub(crate) fn leader_of(raft: &Raft) -> Option<(NodeId, Option<PeerNode>)> {
+    let m = raft.metrics();
+    let m = m.borrow();
+    let leader = m.current_leader?;
+    let node = m.membership_config.membership().get_node(&leader).cloned();
+    Some((leader, node))
+}
+
+/// Sends an internal call to a leader's peer listener. A refused connection
+/// means nothing was delivered, so it counts as "no leader" and the caller
+/// retries; any later failure leaves the outcome unknown.
+pub(crate) async fn forward_call<Req: Serialize, T: serde::de::DeserializeOwned>(
+    client: &PeerClient,
+    peer_addr: &str,
+    path: &str,
+    req: &Req,
+    timeout: Duration,
+) -> Result<T, ClusterError> {
+    let reply: Result<T, ClusterError> = client
+        .call(peer_addr, path, req, timeout + FORWARD_SLACK)
+        .await
+        .map_err(|e| match e {
+            PeerCallError::Unreachable { .. } => ClusterError::NoLeader,
+            other => {
+                tracing::warn!(error = %other, path, "forward to leader failed");
+                outcome_unknown(timeout)
+            }
+        })?;
+    reply
+}
+
 /// One `client_write` with openraft's errors mapped to ours.
 pub(crate) async fn client_write(
     raft: &Raft,
@@ -192,7 +225,12 @@ impl RaftNode {
         timing: Timing,
     ) -> Self {
         let discovery = Discovery::new(id, me.clone());
-        let proposer = proposer::Proposer::spawn(raft.clone(), timing.write_timeout);
+        let proposer = proposer::Proposer::spawn(proposer::Context {
+            id,
+            raft: raft.clone(),
+            client: client.clone(),
+            write_timeout: timing.write_timeout,
+        });
         RaftNode {
             id,
             me,
@@ -242,11 +280,7 @@ impl RaftNode {
     }
 
     fn leader_and_node(&self) -> Option<(NodeId, Option<PeerNode>)> {
-        let m = self.raft.metrics();
-        let m = m.borrow();
-        let leader = m.current_leader?;
-        let node = m.membership_config.membership().get_node(&leader).cloned();
-        Some((leader, node))
+        leader_of(&self.raft)
     }
 
     /// The leader's peer address, if one is known.
@@ -295,9 +329,25 @@ impl RaftNode {
 
     /// Commits `cmd` through whichever node leads; see the module invariants.
     pub async fn write(&self, cmd: Command) -> Result<Written, ClusterError> {
+        let deadline = Instant::now() + self.timing.leader_wait;
+        loop {
+            match self.propose(cmd.clone(), Route::ViaLeader).await {
+                Err(ClusterError::NotLeader | ClusterError::NoLeader) => {
+                    self.wait_for_change(deadline).await?
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Queues `cmd` for the next batch, bounded by the commit wait (time in
+    /// the queue counts too).
+    async fn propose(&self, cmd: Command, route: Route) -> Result<Written, ClusterError> {
         let timeout = self.timing.write_timeout;
-        self.on_leader(PATH_WRITE, &cmd, timeout, || self.write_local(cmd.clone()))
-            .await
+        match tokio::time::timeout(timeout, self.proposer.propose(cmd, route)).await {
+            Ok(res) => res,
+            Err(_) => Err(outcome_unknown(timeout)),
+        }
     }
 
     /// Runs `local` if this node leads, else sends `req` to the leader's
@@ -331,15 +381,10 @@ impl RaftNode {
         }
     }
 
-    /// Proposes `cmd` on this node, which must be the leader, batched with
-    /// whatever other writes are waiting (see `proposer`).
+    /// Proposes `cmd` on this node, which must be the leader (forwarded
+    /// writes: one hop only), batched with whatever else is waiting.
     pub(crate) async fn write_local(&self, cmd: Command) -> Result<Written, ClusterError> {
-        let timeout = self.timing.write_timeout;
-        // The caller's own bound: time in the queue counts too.
-        match tokio::time::timeout(timeout, self.proposer.propose(cmd)).await {
-            Ok(res) => res,
-            Err(_) => Err(outcome_unknown(timeout)),
-        }
+        self.propose(cmd, Route::LocalOnly).await
     }
 
     /// Sends an internal call to the leader's peer listener. A refused
@@ -352,20 +397,7 @@ impl RaftNode {
         req: &Req,
         timeout: Duration,
     ) -> Result<T, ClusterError> {
-        let reply: Result<T, ClusterError> = self
-            .client
-            .call(peer_addr, path, req, timeout + FORWARD_SLACK)
-            .await
-            .map_err(|e| match e {
-                PeerCallError::Unreachable { .. } => ClusterError::NoLeader,
-                other => {
-                    tracing::warn!(error = %other, path, "forward to leader failed");
-                    ClusterError::OutcomeUnknown {
-                        timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
-                    }
-                }
-            })?;
-        reply
+        forward_call(&self.client, peer_addr, path, req, timeout).await
     }
 
     /// A linearizable read barrier: when it returns `Ok`, the local applied

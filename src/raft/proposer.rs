@@ -1,36 +1,62 @@
-//! Group commit of client writes: concurrent commands on the leader are
-//! proposed together as one Raft entry.
+//! Group commit of writes: concurrent commands on a node travel together as
+//! one Raft entry (on the leader) or one forwarded call (on a follower).
 //!
 //! Why: openraft 0.9 waits for each appended entry's log flush before it
 //! appends the next, so one entry per write would cost one fsync per write.
-//! Batching here makes one fsync (and one replication round) serve every
-//! write that arrived while the previous batch was being committed.
+//! Batching makes one fsync and one replication round serve every write that
+//! arrived while the previous batch was being committed; on a follower it
+//! also makes one peer call carry many writes.
 //!
-//! Owns the proposal queue and the task that drains it. Does not decide
-//! leadership or retry: a batch proposed on a node that lost leadership
-//! answers `NotLeader` to every member, and `RaftNode::write` retries.
+//! Owns the proposal queue and the task that drains it. Does not retry: a
+//! batch that finds no (reachable) leader answers `NoLeader`/`NotLeader` to
+//! each member and `RaftNode::write` retries within its deadline.
 //!
-//! Invariants: one batch is in flight at a time, so batches commit in queue
-//! order; every caller gets exactly one answer (or sees its channel closed
-//! when the node shuts down); the queue is bounded, so callers wait for
-//! room instead of growing memory without limit.
+//! Invariants:
+//! - One batch is in flight at a time, so batches commit in queue order.
+//! - Every caller gets exactly one answer (or sees its channel closed when
+//!   the node shuts down).
+//! - `Route::LocalOnly` proposals (writes a follower forwarded to us) are
+//!   never forwarded again: forwarding is one hop.
+//! - A forwarded batch arrives as one `Command::Batch`; the leader may nest
+//!   it in its own batch, and `registry::apply` answers nested batches with
+//!   nested responses, so every caller still gets its own response.
+//! - The queue is bounded; callers wait for room instead of growing memory.
 
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::types::Raft;
-use super::{ClusterError, Written};
+use super::network::PeerClient;
+use super::types::{NodeId, Raft};
+use super::{client_write, forward_call, leader_of, ClusterError, Written, PATH_WRITE};
 use crate::registry::{Command, Response};
 
-/// Most commands in one Raft entry.
+/// Most commands in one Raft entry or forwarded call.
 pub const MAX_BATCH: usize = 256;
 /// Most queued proposals.
 const QUEUE: usize = 4096;
 
+/// Where a proposal may be committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// Here if this node leads, else forwarded to the leader.
+    ViaLeader,
+    /// Only here; answered `NotLeader` if this node does not lead.
+    LocalOnly,
+}
+
 struct Proposal {
     cmd: Command,
+    route: Route,
     reply: oneshot::Sender<Result<Written, ClusterError>>,
+}
+
+/// What the batching task needs.
+pub struct Context {
+    pub id: NodeId,
+    pub raft: Raft,
+    pub client: PeerClient,
+    pub write_timeout: Duration,
 }
 
 /// The sending side, held by `RaftNode`.
@@ -39,68 +65,103 @@ pub struct Proposer {
 }
 
 impl Proposer {
-    /// Starts the batching task for `raft`. Must be called inside tokio.
-    pub fn spawn(raft: Raft, write_timeout: Duration) -> Self {
+    /// Starts the batching task. Must be called inside tokio.
+    pub fn spawn(ctx: Context) -> Self {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(run(raft, rx, write_timeout));
+        tokio::spawn(run(ctx, rx));
         Proposer { tx }
     }
 
     /// Proposes `cmd` with the next batch and waits for its answer.
-    pub async fn propose(&self, cmd: Command) -> Result<Written, ClusterError> {
+    pub async fn propose(&self, cmd: Command, route: Route) -> Result<Written, ClusterError> {
         let (reply, rx) = oneshot::channel();
+        let stopped = || ClusterError::Stopped("proposer stopped".into());
         self.tx
-            .send(Proposal { cmd, reply })
+            .send(Proposal { cmd, route, reply })
             .await
-            .map_err(|_| ClusterError::Stopped("proposer stopped".into()))?;
-        rx.await
-            .map_err(|_| ClusterError::Stopped("proposer stopped".into()))?
+            .map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
     }
 }
 
-async fn run(raft: Raft, mut rx: mpsc::Receiver<Proposal>, write_timeout: Duration) {
+fn combine(proposals: &[Proposal]) -> Command {
+    match proposals {
+        [one] => one.cmd.clone(),
+        many => Command::Batch(many.iter().map(|p| p.cmd.clone()).collect()),
+    }
+}
+
+/// Sends each proposal its share of `result`.
+fn distribute(proposals: Vec<Proposal>, result: Result<Written, ClusterError>) {
+    match result {
+        Ok(written) if proposals.len() == 1 => {
+            for p in proposals {
+                let _ = p.reply.send(Ok(written.clone()));
+            }
+        }
+        Ok(Written {
+            response: Response::Batch(responses),
+            index,
+        }) if responses.len() == proposals.len() => {
+            for (p, response) in proposals.into_iter().zip(responses) {
+                let _ = p.reply.send(Ok(Written { response, index }));
+            }
+        }
+        Ok(other) => {
+            // apply() answers a batch with one response per command; any
+            // other shape is a bug, reported rather than mis-delivered.
+            let e = ClusterError::Internal(format!(
+                "batch of {} answered {:?}",
+                proposals.len(),
+                other.response
+            ));
+            for p in proposals {
+                let _ = p.reply.send(Err(e.clone()));
+            }
+        }
+        Err(e) => {
+            for p in proposals {
+                let _ = p.reply.send(Err(e.clone()));
+            }
+        }
+    }
+}
+
+async fn run(ctx: Context, mut rx: mpsc::Receiver<Proposal>) {
     let mut batch: Vec<Proposal> = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-        let proposals = std::mem::take(&mut batch);
-        let cmd = if proposals.len() == 1 {
-            proposals[0].cmd.clone()
-        } else {
-            Command::Batch(proposals.iter().map(|p| p.cmd.clone()).collect())
-        };
-        let span = tracing::debug_span!("propose", commands = proposals.len());
-        let result =
-            tracing::Instrument::instrument(super::client_write(&raft, cmd, write_timeout), span)
-                .await;
-        match result {
-            Ok(Written {
-                response: Response::Batch(responses),
-                index,
-            }) if responses.len() == proposals.len() && proposals.len() > 1 => {
-                for (p, response) in proposals.into_iter().zip(responses) {
-                    let _ = p.reply.send(Ok(Written { response, index }));
-                }
+        let mut proposals = std::mem::take(&mut batch);
+        tracing::debug!(commands = proposals.len(), "proposing batch");
+        match leader_of(&ctx.raft) {
+            Some((leader, _)) if leader == ctx.id => {
+                let cmd = combine(&proposals);
+                let result = client_write(&ctx.raft, cmd, ctx.write_timeout).await;
+                distribute(proposals, result);
             }
-            Ok(written) if proposals.len() == 1 => {
-                for p in proposals {
-                    let _ = p.reply.send(Ok(written.clone()));
+            leader => {
+                // Forwarded writes must not hop again.
+                let (local, forwardable): (Vec<_>, Vec<_>) = proposals
+                    .drain(..)
+                    .partition(|p| p.route == Route::LocalOnly);
+                distribute(local, Err(ClusterError::NotLeader));
+                if forwardable.is_empty() {
+                    continue;
                 }
-            }
-            Ok(other) => {
-                // apply() answers a batch with one response per command; any
-                // other shape is a bug, reported rather than mis-delivered.
-                let e = ClusterError::Internal(format!(
-                    "batch of {} answered {:?}",
-                    proposals.len(),
-                    other.response
-                ));
-                for p in proposals {
-                    let _ = p.reply.send(Err(e.clone()));
-                }
-            }
-            Err(e) => {
-                for p in proposals {
-                    let _ = p.reply.send(Err(e.clone()));
-                }
+                let result = match leader {
+                    Some((_, Some(node))) => {
+                        let cmd = combine(&forwardable);
+                        forward_call(
+                            &ctx.client,
+                            &node.peer_addr,
+                            PATH_WRITE,
+                            &cmd,
+                            ctx.write_timeout,
+                        )
+                        .await
+                    }
+                    _ => Err(ClusterError::NoLeader),
+                };
+                distribute(forwardable, result);
             }
         }
     }
