@@ -103,11 +103,13 @@ pub struct StateMachineStore {
     snapshot_seq: u64,
 }
 
-/// Builds a snapshot from a copy of the state taken when openraft asked.
+/// Builds a snapshot from the state encoded when openraft asked.
 pub struct SnapshotBuilder {
     syncer: Syncer,
     snap: sled::Tree,
-    registry: Registry,
+    /// The registry, encoded under the read lock: cheaper in memory than a
+    /// clone of the registry, and consistent with `last_applied`.
+    data: Result<Vec<u8>, String>,
     last_applied: Option<LogId>,
     membership: StoredMembership,
     seq: u64,
@@ -209,7 +211,8 @@ impl StateMachineStore {
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
-        let data = serde_json::to_vec(&self.registry).map_err(sm_read_err)?;
+        let data = std::mem::replace(&mut self.data, Ok(Vec::new()))
+            .map_err(|e| sm_read_err(std::io::Error::other(e)))?;
         let snapshot_id = match self.last_applied {
             Some(l) => format!("{}-{}-{}", l.leader_id, l.index, self.seq),
             None => format!("none-{}", self.seq),
@@ -312,7 +315,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         SnapshotBuilder {
             syncer: self.syncer.clone(),
             snap: self.snap.clone(),
-            registry: self.shared.read().clone(),
+            data: serde_json::to_vec(&*self.shared.read()).map_err(|e| e.to_string()),
             last_applied: self.last_applied,
             membership: self.membership.clone(),
             seq: self.snapshot_seq,
