@@ -39,14 +39,18 @@ pub struct AgentArgs {
     /// One bootstrapped node with data in a temporary directory.
     #[arg(long)]
     pub dev: bool,
-    /// Leader heartbeat interval.
-    #[arg(long, default_value_t = 100)]
+    /// Leader heartbeat interval. openraft 0.9 also uses it as the timeout
+    /// of every AppendEntries RPC, so it must exceed a loaded follower's
+    /// append + fsync time, or replication stalls and followers campaign.
+    #[arg(long, default_value_t = 75)]
     pub heartbeat_ms: u64,
-    /// Minimum election timeout; the actual timeout is random in [min, max).
-    #[arg(long, default_value_t = 800)]
+    /// Minimum election timeout; each node draws its timeout once, in
+    /// [min, max). A follower campaigns after max (openraft's leader lease)
+    /// plus its own timeout without hearing from the leader.
+    #[arg(long, default_value_t = 150)]
     pub election_min_ms: u64,
-    /// Maximum election timeout.
-    #[arg(long, default_value_t = 1600)]
+    /// Maximum election timeout (also the leader lease).
+    #[arg(long, default_value_t = 300)]
     pub election_max_ms: u64,
     /// Build a snapshot every N applied entries; the log is purged behind it.
     #[arg(long, default_value_t = 5000)]

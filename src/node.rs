@@ -63,6 +63,10 @@ fn raft_config(cfg: &AgentConfig) -> anyhow::Result<openraft::Config> {
         install_snapshot_timeout: 5000,
         snapshot_max_chunk_size: 1024 * 1024,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(cfg.snapshot_every),
+        // An entry holds up to `proposer::MAX_BATCH` writes; fewer entries
+        // per AppendEntries keep each RPC well inside its timeout (the
+        // heartbeat interval) while a follower catches up.
+        max_payload_entries: 32,
         max_in_snapshot_log_to_keep: cfg.snapshot_keep_logs,
         ..Default::default()
     };
