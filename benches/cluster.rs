@@ -16,9 +16,25 @@
 //! 3. leader failover: SIGKILL the leader, write through a survivor in a loop (250 ms timeout per
 //!    request, 10 ms pause after a failure) and take the time from the kill to the first 200;
 //!    restart the killed node on its data dir and ports and wait until it has caught up
-//!    (applied index >= the leader's commit index) before the next kill; min/median/max;
+//!    (applied index >= the leader's commit index) before the next kill; min/median/max.
+//!    While the survivors elect, a 10 ms poll of their `GET /v1/cluster/status` records when
+//!    the first higher term appears (election started) and when a survivor leads at a higher
+//!    term (won), and by how many terms (1 = one clean election; more = split votes or
+//!    repeated candidacies), when the winner first commits, and how many terms passed while
+//!    the killed node restarted and caught up (a restarted node that campaigns before the
+//!    leader reaches it forces an extra election); the report prints the election window the
+//!    timings predict;
 //! 4. RSS (`VmRSS`) and data dir size per node: idle right after formation, after registering
-//!    `BENCH_INSTANCES` instances (64 clients), and at the end of the run.
+//!    `BENCH_INSTANCES` instances (64 clients), and at the end of the run;
+//! 5. stability: every node's Raft term (`GET /v1/cluster/status`; etcd: `raftTerm`) before and
+//!    after the whole throughput phase (loaded), and across an idle window of
+//!    `BENCH_IDLE_SECS` in which nothing is written (both clusters idle side by side), sampled
+//!    once a second so a change is timed and paired with that second's steal; optionally a
+//!    soak (`BENCH_SOAK_SECS`): that long of steady 64-client load through the raftmesh
+//!    leader, then as long idle. The soak re-registers the `BENCH_INSTANCES` instances of the
+//!    setup over and over (updates), so the registry stays the same size however long it runs.
+//!    Any term increase means an election happened. Runs between the throughput cells and the
+//!    failover rounds (which elect on purpose).
 //!
 //! For every throughput cell it also samples CPU time (`/proc/PID/stat`) of each server
 //! process, of the benchmark client itself, of interrupts, of all other processes and the
@@ -30,7 +46,13 @@
 //! (default 10), `BENCH_INSTANCES` instances for the footprint phase (default 10000),
 //! `BENCH_QUICK=1` for 1 s cells, 3 kills and 1000 instances (explicit knobs still win),
 //! `BENCH_ETCD=0` to skip etcd, `BENCH_RAFTMESH_ARGS="--snapshot-every 20000"` to pass extra
-//! flags to every raftmesh node, `BENCH_KEEP=1` to keep data dirs and node logs for a look.
+//! flags to every raftmesh node (timing flags `--heartbeat-ms`, `--election-min-ms`,
+//! `--election-max-ms` are read back for the report), `BENCH_KEEP=1` to keep data dirs and node
+//! logs for a look, `BENCH_IDLE_SECS` idle window (default 30, quick 5; 0 skips it),
+//! `BENCH_SOAK_SECS` loaded + idle soak (default 0 = off; `BENCH_SOAK_SECS=600` backs a claim
+//! of "no election in 10 minutes idle or loaded"), `BENCH_ONLY=failover,stability` to run only
+//! some of the phases `throughput`, `stability`, `failover` (setup and footprint always run; the
+//! loaded half of the stability table comes from the throughput phase or the soak).
 //! Progress goes to stderr, the markdown tables to stdout.
 //!
 //! Servers listen on loopback only. Every process is started by this program and killed by
@@ -92,6 +114,116 @@ struct Knobs {
     etcd: bool,
     /// Extra `raftmesh agent` flags for every node (`BENCH_RAFTMESH_ARGS`, whitespace-separated).
     extra_args: Vec<String>,
+    /// Idle period of the stability section (`BENCH_IDLE_SECS`; 0 = skip).
+    idle: Duration,
+    /// Loaded soak, then as long idle (`BENCH_SOAK_SECS`; 0 = off).
+    soak: Duration,
+    /// Phases to run (`BENCH_ONLY=throughput,stability,failover`; default all).
+    only: Phases,
+    /// raftmesh timings in effect (defaults, overridden by `extra_args`).
+    timings: Timings,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Phases {
+    throughput: bool,
+    stability: bool,
+    failover: bool,
+}
+
+impl Phases {
+    fn from_env() -> Result<Self> {
+        let raw = std::env::var("BENCH_ONLY").unwrap_or_default();
+        if raw.trim().is_empty() {
+            return Ok(Phases {
+                throughput: true,
+                stability: true,
+                failover: true,
+            });
+        }
+        let mut p = Phases {
+            throughput: false,
+            stability: false,
+            failover: false,
+        };
+        for w in raw
+            .split([',', ' '])
+            .map(str::trim)
+            .filter(|w| !w.is_empty())
+        {
+            match w {
+                "throughput" => p.throughput = true,
+                "stability" => p.stability = true,
+                "failover" => p.failover = true,
+                other => bail!(
+                    "BENCH_ONLY: unknown phase {other:?} (known: throughput, stability, failover)"
+                ),
+            }
+        }
+        Ok(p)
+    }
+}
+
+/// raftmesh's Raft timings (ms), as the nodes run with them.
+#[derive(Debug, Clone, Copy)]
+struct Timings {
+    heartbeat: u64,
+    election_min: u64,
+    election_max: u64,
+}
+
+impl Timings {
+    /// Server defaults (`raftmesh agent --help`), overridden by flags in `args`.
+    fn from_args(args: &[String]) -> Result<Self> {
+        let mut t = Timings {
+            heartbeat: 100,
+            election_min: 800,
+            election_max: 1600,
+        };
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            let (flag, inline) = match a.split_once('=') {
+                Some((f, v)) => (f, Some(v.to_string())),
+                None => (a.as_str(), None),
+            };
+            let slot = match flag {
+                "--heartbeat-ms" => &mut t.heartbeat,
+                "--election-min-ms" => &mut t.election_min,
+                "--election-max-ms" => &mut t.election_max,
+                _ => continue,
+            };
+            let v = match inline {
+                Some(v) => v,
+                None => it.next().cloned().unwrap_or_default(),
+            };
+            *slot = v
+                .parse()
+                .map_err(|_| anyhow!("BENCH_RAFTMESH_ARGS: {flag} {v:?} is not a number"))?;
+        }
+        Ok(t)
+    }
+
+    /// openraft 0.9 ticks (election check, heartbeat) every 1.5 heartbeat intervals.
+    fn tick(&self) -> u64 {
+        self.heartbeat * 3 / 2
+    }
+
+    /// When a survivor should start an election after the leader dies, in ms after the kill:
+    /// leader lease (= election max) + its own timeout in [min, max), counted from the last
+    /// contact (the bench writes just before the kill), seen on the next tick.
+    fn predicted_election(&self) -> (u64, u64) {
+        (
+            self.election_max + self.election_min,
+            2 * self.election_max + self.tick(),
+        )
+    }
+
+    fn text(&self) -> String {
+        format!(
+            "heartbeat {} ms, election {}-{} ms",
+            self.heartbeat, self.election_min, self.election_max
+        )
+    }
 }
 
 fn env_num<T: std::str::FromStr>(name: &str) -> Result<Option<T>> {
@@ -126,18 +258,28 @@ impl Knobs {
             std::env::var("BENCH_ETCD").as_deref().map(str::trim),
             Ok("0" | "false" | "no" | "off")
         );
-        let extra_args = std::env::var("BENCH_RAFTMESH_ARGS")
+        let extra_args: Vec<String> = std::env::var("BENCH_RAFTMESH_ARGS")
             .unwrap_or_default()
             .split_whitespace()
             .map(str::to_string)
             .collect();
+        let idle: f64 = env_num("BENCH_IDLE_SECS")?.unwrap_or(if quick { 5.0 } else { 30.0 });
+        let soak: f64 = env_num("BENCH_SOAK_SECS")?.unwrap_or(0.0);
+        ensure!(
+            (0.0..=86_400.0).contains(&idle) && (0.0..=86_400.0).contains(&soak),
+            "BENCH_IDLE_SECS and BENCH_SOAK_SECS must be in [0, 86400]"
+        );
         Ok(Knobs {
             secs: Duration::from_secs_f64(secs),
             kills,
             instances,
             quick,
             etcd,
+            timings: Timings::from_args(&extra_args)?,
             extra_args,
+            idle: Duration::from_secs_f64(idle),
+            soak: Duration::from_secs_f64(soak),
+            only: Phases::from_env()?,
         })
     }
 }
@@ -631,6 +773,158 @@ fn etcd_put_body(prefix: &str, seq: u64) -> String {
     .to_string()
 }
 
+// ------------------------------------------------------------------------------ stability
+
+/// Every node's Raft term (None: not running or not answering) and the leader, at one moment.
+#[derive(Clone, Debug, Default)]
+struct TermSample {
+    terms: Vec<Option<u64>>,
+    leader: Option<String>,
+}
+
+impl TermSample {
+    fn max(&self) -> Option<u64> {
+        self.terms.iter().flatten().max().copied()
+    }
+
+    fn text(&self, labels: &[String]) -> String {
+        labels
+            .iter()
+            .zip(&self.terms)
+            .map(|(l, t)| format!("{l} {}", t.map_or("-".into(), |t| t.to_string())))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+/// What a stability window saw: terms at both ends, changes in between, CPU over it.
+struct Watch {
+    first: TermSample,
+    last: TermSample,
+    /// Term or leader changes seen by the 1 s samples, with the steal of that second.
+    events: Vec<String>,
+    /// Highest steal over one sampling interval (% of one core).
+    max_steal: Option<f64>,
+    cpu: CpuUse,
+    elapsed: Duration,
+}
+
+/// Steal in % of one core between two `/proc/stat` readings.
+fn steal_pct(
+    a: (Instant, Option<MachineTicks>),
+    b: (Instant, Option<MachineTicks>),
+) -> Option<f64> {
+    let secs = b.0.duration_since(a.0).as_secs_f64().max(1e-3);
+    Some(b.1?.steal.saturating_sub(a.1?.steal) as f64 / CLK_TCK / secs * 100.0)
+}
+
+/// One bounded term probe; a probe that hangs counts as "no answer" from every node.
+async fn sample_bounded(n: usize, probe: &mut impl AsyncFnMut() -> TermSample) -> TermSample {
+    tokio::time::timeout(CONTROL_TIMEOUT * 4, probe())
+        .await
+        .unwrap_or_else(|_| TermSample {
+            terms: vec![None; n],
+            leader: None,
+        })
+}
+
+/// Samples `probe` about once a second for `dur` (reads only: nothing is written).
+async fn watch_terms(
+    dur: Duration,
+    pids: &[Option<u32>],
+    labels: &[String],
+    mut probe: impl AsyncFnMut() -> TermSample,
+) -> Watch {
+    let n = labels.len();
+    let before = cpu_snap(pids);
+    let start = Instant::now();
+    let first = sample_bounded(n, &mut probe).await;
+    let mut known = first.terms.clone();
+    let mut leader = first.leader.clone();
+    let mut last = first.clone();
+    let mut ticks = (Instant::now(), machine_ticks());
+    let mut max_steal: Option<f64> = None;
+    let mut events = Vec::new();
+    loop {
+        let left = dur.saturating_sub(start.elapsed());
+        if left.is_zero() {
+            break;
+        }
+        tokio::time::sleep(left.min(Duration::from_secs(1))).await;
+        let s = sample_bounded(n, &mut probe).await;
+        let now = (Instant::now(), machine_ticks());
+        let steal = steal_pct(ticks, now);
+        ticks = now;
+        if let Some(st) = steal {
+            max_steal = Some(max_steal.map_or(st, |m: f64| m.max(st)));
+        }
+        let mut changed = Vec::new();
+        for (i, t) in s.terms.iter().enumerate() {
+            if let Some(t) = *t {
+                match known[i] {
+                    Some(k) if t > k => changed.push(format!("{} {k}->{t}", labels[i])),
+                    _ => {}
+                }
+                known[i] = Some(t);
+            }
+        }
+        let leader_changed = s.leader.is_some() && s.leader != leader;
+        if !changed.is_empty() || leader_changed {
+            events.push(format!(
+                "+{:.0} s: {}{} (steal {} % over the last sample)",
+                start.elapsed().as_secs_f64(),
+                if changed.is_empty() {
+                    String::new()
+                } else {
+                    format!("term {} ", changed.join(", "))
+                },
+                format_args!(
+                    "leader {} -> {}",
+                    leader.as_deref().unwrap_or("none"),
+                    s.leader.as_deref().unwrap_or("none")
+                ),
+                pct0(steal),
+            ));
+            progress!("stability: {}", events.last().expect("just pushed"));
+        }
+        if s.leader.is_some() {
+            leader = s.leader.clone();
+        }
+        last = s;
+    }
+    Watch {
+        first,
+        last,
+        events,
+        max_steal,
+        cpu: cpu_use(&before, &cpu_snap(pids)),
+        elapsed: start.elapsed(),
+    }
+}
+
+struct StabilityRow {
+    system: &'static str,
+    phase: String,
+    /// What ran meanwhile ("idle", "64 clients, 1234 ok/s, errors 0").
+    load: String,
+    labels: Vec<String>,
+    watch: Watch,
+    /// AppendEntries RPC timeouts logged during the window (raftmesh only).
+    append_timeouts: Option<u64>,
+}
+
+impl StabilityRow {
+    /// Term increase across the window, per node and for the cluster (highest term).
+    fn term_change(&self) -> Option<u64> {
+        Some(
+            self.watch
+                .last
+                .max()?
+                .saturating_sub(self.watch.first.max()?),
+        )
+    }
+}
+
 // ---------------------------------------------------------------------------- raftmesh cluster
 
 struct RmNode {
@@ -861,13 +1155,67 @@ impl RmCluster {
         .await
     }
 
+    fn labels(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| format!("n{}", n.id)).collect()
+    }
+
+    /// Replication RPCs that hit openraft's AppendEntries timeout (which openraft 0.9 sets to
+    /// the heartbeat interval), counted from the WARN lines in all node logs so far: openraft's
+    /// own timer ("timeout after N ms when AppendEntries") or the peer client's, which gets the
+    /// same TTL and races it ("/raft/append ... operation timed out").
+    fn append_timeouts(&self) -> u64 {
+        self.nodes
+            .iter()
+            .map(|n| {
+                std::fs::read(n.log()).map_or(0, |b| {
+                    String::from_utf8_lossy(&b)
+                        .lines()
+                        .filter(|l| {
+                            l.contains("error replication to target")
+                                && (l.contains("when AppendEntries")
+                                    || (l.contains("/raft/append") && l.contains("timed out")))
+                        })
+                        .count() as u64
+                })
+            })
+            .sum()
+    }
+
+    /// Every running node's term (local `GET /v1/cluster/status`) and the highest-term leader.
+    async fn term_sample(&self) -> TermSample {
+        let mut out = TermSample::default();
+        let mut best: Option<(u64, u64)> = None;
+        for n in &self.nodes {
+            let st = match n.proc {
+                Some(_) => self.status(n.id).await.ok(),
+                None => None,
+            };
+            let term = st.as_ref().and_then(|v| v["term"].as_u64());
+            if let (Some(v), Some(t)) = (&st, term) {
+                if v["role"] == "leader" && best.is_none_or(|(bt, _)| t > bt) {
+                    best = Some((t, n.id));
+                }
+            }
+            out.terms.push(term);
+        }
+        out.leader = best.map(|(_, id)| format!("n{id}"));
+        out
+    }
+
     fn register_maker(&self, id: u64, prefix: &str) -> MakeReq {
+        self.reregister_maker(id, prefix, u64::MAX)
+    }
+
+    /// Like `register_maker`, but cycles through `ids` IDs: past the first round every write
+    /// re-registers (updates) an existing instance, so the registry's size stays put.
+    fn reregister_maker(&self, id: u64, prefix: &str, ids: u64) -> MakeReq {
         let url = format!("http://{}/v1/agent/service/register", self.api(id));
         let prefix = prefix.to_string();
+        let ids = ids.max(1);
         Arc::new(move |c: &reqwest::Client, seq: u64| {
             c.put(&url)
                 .header("content-type", "application/json")
-                .body(register_body(&prefix, seq))
+                .body(register_body(&prefix, seq % ids))
         })
     }
 
@@ -924,6 +1272,7 @@ struct EtcdStatus {
     member_id: u64,
     leader: u64,
     raft_index: u64,
+    raft_term: u64,
     applied: u64,
 }
 
@@ -1099,6 +1448,34 @@ impl EtcdCluster {
         .await
     }
 
+    fn labels(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.name.clone()).collect()
+    }
+
+    /// Every running member's raft term and the leader most members name.
+    async fn term_sample(&self) -> TermSample {
+        let mut out = TermSample::default();
+        let mut seen = Vec::new();
+        for (i, n) in self.nodes.iter().enumerate() {
+            let st = match n.proc {
+                Some(_) => self.status(i).await.ok(),
+                None => None,
+            };
+            out.terms.push(st.map(|s| s.raft_term));
+            if let Some(s) = st {
+                seen.push((i, s));
+            }
+        }
+        // The leader is named by member id; map it to a name through the members that answered.
+        out.leader = seen
+            .iter()
+            .filter(|(_, s)| s.leader != 0)
+            .max_by_key(|(_, s)| s.raft_term)
+            .and_then(|(_, s)| seen.iter().find(|(_, m)| m.member_id == s.leader))
+            .map(|(i, _)| self.nodes[*i].name.clone());
+        out
+    }
+
     fn footprint(&self, phase: &str) -> Vec<FootRow> {
         self.nodes
             .iter()
@@ -1139,6 +1516,7 @@ async fn etcd_status(http: &reqwest::Client, base: &str) -> Result<EtcdStatus> {
         member_id: lenient_u64(&v["header"]["member_id"]).context("no member_id")?,
         leader: lenient_u64(&v["leader"]).unwrap_or(0),
         raft_index,
+        raft_term: lenient_u64(&v["raftTerm"]).unwrap_or(0),
         applied: lenient_u64(&v["raftAppliedIndex"]).unwrap_or(raft_index),
     })
 }
@@ -1156,11 +1534,56 @@ struct ThroughputRow {
 
 struct FailoverRow {
     system: &'static str,
-    /// Kill to first 200, per round.
+    /// Kill to first 200, per successful round.
     times: Vec<Duration>,
     /// Restart spawn to caught up, per round.
     catch_up: Vec<Duration>,
     failures: Vec<String>,
+    /// Every round: first 200 (or failure), what the election watcher saw, steal meanwhile.
+    rounds: Vec<(Option<Duration>, ElectionSeen, Option<f64>)>,
+    /// CPU over the whole failover phase (restarts and catch-up included).
+    cpu: Option<CpuUse>,
+    /// AppendEntries RPC timeouts logged during the phase (raftmesh only).
+    append_timeouts: Option<u64>,
+    /// Per round: terms that passed while the killed node restarted and caught up (elections
+    /// nobody asked for, e.g. the restarted node campaigning before the leader reaches it).
+    restart_terms: Vec<u64>,
+}
+
+impl FailoverRow {
+    fn new(system: &'static str) -> Self {
+        FailoverRow {
+            system,
+            times: Vec::new(),
+            catch_up: Vec::new(),
+            failures: Vec::new(),
+            rounds: Vec::new(),
+            cpu: None,
+            append_timeouts: None,
+            restart_terms: Vec::new(),
+        }
+    }
+
+    /// Records the term changes of a restart: `term` (after catch-up) beyond the failover's
+    /// own winner (`old_term` + its `terms`).
+    fn restart_terms(&mut self, old_term: u64, seen: ElectionSeen, term: Option<u64>) {
+        if let (Some(t), Some(won)) = (term, seen.terms) {
+            self.restart_terms.push(t.saturating_sub(old_term + won));
+        }
+    }
+
+    fn push(&mut self, outcome: Result<Duration, String>, seen: ElectionSeen, steal: Option<f64>) {
+        match outcome {
+            Ok(d) => {
+                self.times.push(d);
+                self.rounds.push((Some(d), seen, steal));
+            }
+            Err(e) => {
+                self.failures.push(e);
+                self.rounds.push((None, seen, steal));
+            }
+        }
+    }
 }
 
 struct FootRow {
@@ -1175,6 +1598,7 @@ struct FootRow {
 struct Report {
     throughput: Vec<ThroughputRow>,
     failover: Vec<FailoverRow>,
+    stability: Vec<StabilityRow>,
     footprint: Vec<FootRow>,
     notes: Vec<String>,
 }
@@ -1247,18 +1671,77 @@ fn render(report: &Report, knobs: &Knobs, header: &str) -> String {
         "\n### Leader failover (SIGKILL the leader, then time to the first 200 write through a survivor; tries time out after {} ms)\n",
         FAILOVER_TIMEOUT.as_millis()
     );
+    let (lo, hi) = knobs.timings.predicted_election();
     let _ = writeln!(
         o,
-        "| system | kills | min ms | median ms | max ms | restart catch-up median ms | all (ms) |"
+        "raftmesh timings: {} (openraft ticks every {} ms). Predicted election start after a kill: \
+         leader lease (= election max) + the survivor's own timeout in [min, max), from its last \
+         contact (a write just before the kill), seen on a tick: {lo}-{hi} ms. \
+         \"election start\" / \"won\" / \"first commit\" are when a 10 ms poll of the survivors' \
+         status first saw a higher term / a leader at a higher term / that leader's commit index \
+         past the old leader's (its blank entry committed; etcd: `raftIndex`); a first 200 well \
+         after the first commit is time spent in the write path or in tries that timed out; \
+         \"+terms\" is the winner's term minus the old leader's (1 = one clean election, more = \
+         split votes or repeated candidacies); steal is % of one core from the kill to the first \
+         200. AE timeouts: see the stability section. \"elections during restarts\": terms \
+         that passed while the killed node restarted and caught up, beyond the failover's own \
+         election (a restarted node that campaigns before the leader reaches it forces one).\n",
+        knobs.timings.text(),
+        knobs.timings.tick(),
     );
-    let _ = writeln!(o, "|---|--:|--:|--:|--:|--:|---|");
+    let _ = writeln!(
+        o,
+        "| system | kills | min ms | median ms | max ms | election start median ms | won median ms | first commit median ms | +terms | restart catch-up median ms | steal % mean / max round | AE timeouts | elections during restarts | rounds: first 200 (start/won/commit, +terms, steal %) |"
+    );
+    let _ = writeln!(
+        o,
+        "|---|--:|--:|--:|--:|--:|--:|--:|---|--:|---|--:|---|---|"
+    );
     for f in &report.failover {
         let min = f.times.iter().min().copied();
         let max = f.times.iter().max().copied();
-        let all: Vec<String> = f.times.iter().map(|d| ms(*d)).collect();
+        let opt = |d: Option<Duration>| d.map_or("-".into(), ms);
+        let started: Vec<Duration> = f.rounds.iter().filter_map(|r| r.1.started).collect();
+        let won: Vec<Duration> = f.rounds.iter().filter_map(|r| r.1.elected).collect();
+        let committed: Vec<Duration> = f.rounds.iter().filter_map(|r| r.1.committed).collect();
+        let mut terms: BTreeMap<u64, usize> = BTreeMap::new();
+        for r in &f.rounds {
+            if let Some(t) = r.1.terms {
+                *terms.entry(t).or_default() += 1;
+            }
+        }
+        let terms = terms
+            .iter()
+            .map(|(t, n)| format!("{n}x +{t}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let steals: Vec<f64> = f.rounds.iter().filter_map(|r| r.2).collect();
+        let disturbed = f.restart_terms.iter().filter(|&&t| t > 0).count();
+        let restarts = match f.restart_terms.iter().sum::<u64>() {
+            0 => "0".to_string(),
+            n => format!(
+                "**+{n} terms** in {disturbed} of {} restarts",
+                f.restart_terms.len()
+            ),
+        };
+        let all: Vec<String> = f
+            .rounds
+            .iter()
+            .map(|(d, seen, st)| {
+                format!(
+                    "{} ({}/{}/{}, +{}, {})",
+                    d.map_or("FAIL".into(), ms),
+                    opt(seen.started),
+                    opt(seen.elected),
+                    opt(seen.committed),
+                    seen.terms.map_or("-".into(), |t| t.to_string()),
+                    pct0(*st),
+                )
+            })
+            .collect();
         let _ = writeln!(
             o,
-            "| {} | {}{} | {} | {} | {} | {} | {} |",
+            "| {} | {}{} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {} | {} | {} |",
             f.system,
             f.times.len(),
             if f.failures.is_empty() {
@@ -1266,12 +1749,78 @@ fn render(report: &Report, knobs: &Knobs, header: &str) -> String {
             } else {
                 format!(" ({} failed)", f.failures.len())
             },
-            min.map_or("-".into(), ms),
-            median(&f.times).map_or("-".into(), ms),
-            max.map_or("-".into(), ms),
-            median(&f.catch_up).map_or("-".into(), ms),
+            opt(min),
+            opt(median(&f.times)),
+            opt(max),
+            opt(median(&started)),
+            opt(median(&won)),
+            opt(median(&committed)),
+            terms,
+            opt(median(&f.catch_up)),
+            pct0((!steals.is_empty()).then(|| steals.iter().sum::<f64>() / steals.len() as f64)),
+            pct0(steals.iter().copied().reduce(f64::max)),
+            f.append_timeouts.map_or("-".into(), |n| n.to_string()),
+            restarts,
             all.join(", "),
         );
+    }
+    if !report.stability.is_empty() {
+        let _ = writeln!(
+            o,
+            "\n### Elections while idle / loaded (Raft term of every node at both ends of each window; any increase = an election)\n"
+        );
+        let _ = writeln!(
+            o,
+            "Terms are sampled once a second (reads only); \"changes seen\" times each change and \
+             gives that second's steal. AE timeouts: raftmesh replication RPCs that outlived \
+             openraft's AppendEntries timeout, which openraft 0.9 sets to the heartbeat interval \
+             ({} ms here; WARN lines in the node logs). \"CPU % other\": every process but this \
+             system's servers and the benchmark (the other system's servers included).\n",
+            knobs.timings.heartbeat
+        );
+        let _ = writeln!(
+            o,
+            "| system | window | s | load | terms before | terms after | term change | leader | steal % mean / max 1 s | CPU % other | AE timeouts | changes seen (1 s samples) |"
+        );
+        let _ = writeln!(o, "|---|---|--:|---|---|---|--:|---|---|--:|--:|---|");
+        for r in &report.stability {
+            let w = &r.watch;
+            let change = match r.term_change() {
+                Some(0) => "0 (no election)".to_string(),
+                Some(n) => format!("**+{n}**"),
+                None => "-".into(),
+            };
+            let leader = if w.first.leader == w.last.leader {
+                w.first.leader.clone().unwrap_or("none".into())
+            } else {
+                format!(
+                    "{} -> {}",
+                    w.first.leader.as_deref().unwrap_or("none"),
+                    w.last.leader.as_deref().unwrap_or("none")
+                )
+            };
+            let _ = writeln!(
+                o,
+                "| {} | {} | {:.0} | {} | {} | {} | {} | {} | {} / {} | {} | {} | {} |",
+                r.system,
+                r.phase,
+                w.elapsed.as_secs_f64(),
+                r.load,
+                w.first.text(&r.labels),
+                w.last.text(&r.labels),
+                change,
+                leader,
+                pct0(w.cpu.steal),
+                pct0(w.max_steal),
+                pct0(w.cpu.other),
+                r.append_timeouts.map_or("-".into(), |n| n.to_string()),
+                if w.events.is_empty() {
+                    "-".to_string()
+                } else {
+                    w.events.join("; ")
+                },
+            );
+        }
     }
     let _ = writeln!(o, "\n### Footprint per node\n");
     let _ = writeln!(o, "| system | phase | node | RSS MiB | data dir MiB |");
@@ -1432,19 +1981,89 @@ async fn first_ok(
     }
 }
 
+/// When the survivors started an election after a kill and when one of them won it.
+#[derive(Clone, Copy, Default)]
+struct ElectionSeen {
+    /// First sample with a survivor's term above the old leader's.
+    started: Option<Duration>,
+    /// First sample with a survivor leading at a higher term.
+    elected: Option<Duration>,
+    /// Term increase from the old leader's term to the winner's (1 = one clean election).
+    terms: Option<u64>,
+    /// First sample with the winner's commit index above the old leader's (its first entry,
+    /// the blank one a new leader appends, is committed).
+    committed: Option<Duration>,
+}
+
+/// A survivor's view during a failover.
+struct SurvivorState {
+    term: u64,
+    leads: bool,
+    commit: u64,
+}
+
+/// Polls the survivors (`probe` yields the state of every answering survivor) every 10 ms from
+/// the kill at `t0` until one leads at a term above `old_term` and has committed past
+/// `old_commit`, at most `FAILOVER_DEADLINE`.
+async fn watch_election(
+    t0: Instant,
+    old_term: u64,
+    old_commit: u64,
+    mut probe: impl AsyncFnMut() -> Vec<SurvivorState>,
+) -> ElectionSeen {
+    let mut seen = ElectionSeen::default();
+    while t0.elapsed() < FAILOVER_DEADLINE {
+        let answers = tokio::time::timeout(FAILOVER_TIMEOUT * 2, probe())
+            .await
+            .unwrap_or_default();
+        let at = t0.elapsed();
+        if seen.started.is_none() && answers.iter().any(|s| s.term > old_term) {
+            seen.started = Some(at);
+        }
+        if let Some(s) = answers.iter().find(|s| s.leads && s.term > old_term) {
+            if seen.elected.is_none() {
+                seen.elected = Some(at);
+                seen.terms = Some(s.term - old_term);
+            }
+            if s.commit > old_commit {
+                seen.committed = Some(at);
+                return seen;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    seen
+}
+
+/// A raftmesh node's term, role and commit index, on the failover watcher's own client.
+async fn rm_survivor(http: &reqwest::Client, api: &str) -> Option<SurvivorState> {
+    let v: Value = http
+        .get(format!("http://{api}/v1/cluster/status"))
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()?;
+    Some(SurvivorState {
+        term: v["term"].as_u64()?,
+        leads: v["role"] == "leader",
+        commit: v["commit_index"].as_u64()?,
+    })
+}
+
 async fn rm_failover(c: &mut RmCluster, knobs: &Knobs) -> Result<FailoverRow> {
     let ids = c.ids();
-    let mut fo = FailoverRow {
-        system: "raftmesh",
-        times: Vec::new(),
-        catch_up: Vec::new(),
-        failures: Vec::new(),
-    };
+    let mut fo = FailoverRow::new("raftmesh");
     let probe = http_client(FAILOVER_TIMEOUT, true)?;
+    let watcher = http_client(FAILOVER_TIMEOUT, true)?;
+    let before = cpu_snap(&c.pids());
+    let ae0 = c.append_timeouts();
     for round in 0..knobs.kills {
         let leader = c.wait_leader().await?;
         c.wait_caught_up(leader, &ids).await?;
-        let survivor = *ids.iter().find(|&&id| id != leader).expect("3 nodes");
+        let survivors: Vec<u64> = ids.iter().copied().filter(|&id| id != leader).collect();
+        let survivor = survivors[0];
         let url = format!("http://{}/v1/agent/service/register", c.api(survivor));
         // Warm the probe's connection to the survivor so the first post-kill try is cheap.
         let _ = probe
@@ -1452,33 +2071,55 @@ async fn rm_failover(c: &mut RmCluster, knobs: &Knobs) -> Result<FailoverRow> {
             .body(register_body(&format!("fo{round}-warm"), 0))
             .send()
             .await;
+        let st = c.status(leader).await?;
+        let old_term = st["term"].as_u64().context("no term")?;
+        let old_commit = st["commit_index"].as_u64().context("no commit_index")?;
+        let apis: Vec<String> = survivors.iter().map(|&id| c.api(id).to_string()).collect();
+        for a in &apis {
+            let _ = rm_survivor(&watcher, a).await;
+        }
+        let ticks0 = (Instant::now(), machine_ticks());
         let t0 = Instant::now();
         c.kill(leader);
         let prefix = format!("fo{round}");
-        let (outcome, tries) =
-            first_ok(&probe, true, &url, |n| register_body(&prefix, n), t0).await;
-        match outcome {
-            Ok(d) => {
-                progress!(
-                    "raftmesh failover {}/{}: killed node{leader}, first 200 via node{survivor} \
-                     after {} ms ({tries} tries)",
-                    round + 1,
-                    knobs.kills,
-                    ms(d)
-                );
-                fo.times.push(d);
-            }
-            Err(e) => {
-                progress!("raftmesh failover round {round}: {e}");
-                fo.failures.push(e);
-            }
+        let ((outcome, tries), seen) = tokio::join!(
+            first_ok(&probe, true, &url, |n| register_body(&prefix, n), t0),
+            watch_election(t0, old_term, old_commit, async || {
+                let mut out = Vec::new();
+                for a in &apis {
+                    out.extend(rm_survivor(&watcher, a).await);
+                }
+                out
+            }),
+        );
+        let steal = steal_pct(ticks0, (Instant::now(), machine_ticks()));
+        match &outcome {
+            Ok(d) => progress!(
+                "raftmesh failover {}/{}: killed node{leader} (term {old_term}), first 200 via \
+                 node{survivor} after {} ms ({tries} tries); election seen starting at {} ms, \
+                 won at {} ms, +{} terms, first commit at {} ms; steal {} %",
+                round + 1,
+                knobs.kills,
+                ms(*d),
+                seen.started.map_or("-".into(), ms),
+                seen.elected.map_or("-".into(), ms),
+                seen.terms.map_or("-".into(), |t| t.to_string()),
+                seen.committed.map_or("-".into(), ms),
+                pct0(steal),
+            ),
+            Err(e) => progress!("raftmesh failover round {round}: {e}"),
         }
+        fo.push(outcome, seen, steal);
         let t1 = Instant::now();
         c.start(leader, &[]).await?;
         let new_leader = c.wait_leader().await?;
         c.wait_caught_up(new_leader, &[leader]).await?;
         fo.catch_up.push(t1.elapsed());
+        let term = c.status(new_leader).await?["term"].as_u64();
+        fo.restart_terms(old_term, seen, term);
     }
+    fo.cpu = Some(cpu_use(&before, &cpu_snap(&c.pids())));
+    fo.append_timeouts = Some(c.append_timeouts().saturating_sub(ae0));
     Ok(fo)
 }
 
@@ -1565,13 +2206,10 @@ async fn etcd_cell(
 
 async fn etcd_failover(c: &mut EtcdCluster, knobs: &Knobs) -> Result<FailoverRow> {
     let all: Vec<usize> = (0..c.nodes.len()).collect();
-    let mut fo = FailoverRow {
-        system: "etcd",
-        times: Vec::new(),
-        catch_up: Vec::new(),
-        failures: Vec::new(),
-    };
+    let mut fo = FailoverRow::new("etcd");
     let probe = http_client(FAILOVER_TIMEOUT, true)?;
+    let watcher = http_client(FAILOVER_TIMEOUT, true)?;
+    let before = cpu_snap(&c.pids());
     for round in 0..knobs.kills {
         let leader = c.wait_leader().await?;
         c.wait_caught_up(leader, &all).await?;
@@ -1582,35 +2220,253 @@ async fn etcd_failover(c: &mut EtcdCluster, knobs: &Knobs) -> Result<FailoverRow
             .body(etcd_put_body(&format!("fo{round}-warm"), 0))
             .send()
             .await;
+        let st = c.status(leader).await?;
+        let (old_term, old_commit) = (st.raft_term, st.raft_index);
+        let urls: Vec<String> = all
+            .iter()
+            .filter(|&&i| i != leader)
+            .map(|&i| c.nodes[i].client_url.clone())
+            .collect();
+        let ticks0 = (Instant::now(), machine_ticks());
         let t0 = Instant::now();
         c.kill(leader);
         let prefix = format!("fo{round}");
-        let (outcome, tries) =
-            first_ok(&probe, false, &url, |n| etcd_put_body(&prefix, n), t0).await;
-        match outcome {
-            Ok(d) => {
-                progress!(
-                    "etcd failover {}/{}: killed {}, first 200 via {} after {} ms ({tries} tries)",
-                    round + 1,
-                    knobs.kills,
-                    c.nodes[leader].name,
-                    c.nodes[survivor].name,
-                    ms(d)
-                );
-                fo.times.push(d);
-            }
-            Err(e) => {
-                progress!("etcd failover round {round}: {e}");
-                fo.failures.push(e);
-            }
+        let ((outcome, tries), seen) = tokio::join!(
+            first_ok(&probe, false, &url, |n| etcd_put_body(&prefix, n), t0),
+            watch_election(t0, old_term, old_commit, async || {
+                let mut out = Vec::new();
+                for u in &urls {
+                    if let Ok(s) = etcd_status(&watcher, u).await {
+                        out.push(SurvivorState {
+                            term: s.raft_term,
+                            leads: s.leader == s.member_id,
+                            commit: s.raft_index,
+                        });
+                    }
+                }
+                out
+            }),
+        );
+        let steal = steal_pct(ticks0, (Instant::now(), machine_ticks()));
+        match &outcome {
+            Ok(d) => progress!(
+                "etcd failover {}/{}: killed {} (term {old_term}), first 200 via {} after {} ms \
+                 ({tries} tries); election seen starting at {} ms, won at {} ms, +{} terms, \
+                 first commit at {} ms; steal {} %",
+                round + 1,
+                knobs.kills,
+                c.nodes[leader].name,
+                c.nodes[survivor].name,
+                ms(*d),
+                seen.started.map_or("-".into(), ms),
+                seen.elected.map_or("-".into(), ms),
+                seen.terms.map_or("-".into(), |t| t.to_string()),
+                seen.committed.map_or("-".into(), ms),
+                pct0(steal),
+            ),
+            Err(e) => progress!("etcd failover round {round}: {e}"),
         }
+        fo.push(outcome, seen, steal);
         let t1 = Instant::now();
         c.spawn(leader)?;
         let new_leader = c.wait_leader().await?;
         c.wait_caught_up(new_leader, &[leader]).await?;
         fo.catch_up.push(t1.elapsed());
+        let term = c.status(new_leader).await.ok().map(|s| s.raft_term);
+        fo.restart_terms(old_term, seen, term);
     }
+    fo.cpu = Some(cpu_use(&before, &cpu_snap(&c.pids())));
     Ok(fo)
+}
+
+/// Something whose terms the stability section can sample.
+trait Terms {
+    const SYSTEM: &'static str;
+    fn labels(&self) -> Vec<String>;
+    fn pids(&self) -> Vec<Option<u32>>;
+    async fn sample(&self) -> TermSample;
+    /// AppendEntries RPC timeouts logged so far, where the logs tell.
+    fn append_timeouts(&self) -> Option<u64> {
+        None
+    }
+}
+
+impl Terms for RmCluster {
+    const SYSTEM: &'static str = "raftmesh";
+    fn labels(&self) -> Vec<String> {
+        RmCluster::labels(self)
+    }
+    fn pids(&self) -> Vec<Option<u32>> {
+        RmCluster::pids(self)
+    }
+    fn append_timeouts(&self) -> Option<u64> {
+        Some(RmCluster::append_timeouts(self))
+    }
+    async fn sample(&self) -> TermSample {
+        self.term_sample().await
+    }
+}
+
+impl Terms for EtcdCluster {
+    const SYSTEM: &'static str = "etcd";
+    fn labels(&self) -> Vec<String> {
+        EtcdCluster::labels(self)
+    }
+    fn pids(&self) -> Vec<Option<u32>> {
+        EtcdCluster::pids(self)
+    }
+    async fn sample(&self) -> TermSample {
+        self.term_sample().await
+    }
+}
+
+/// A stability row from terms taken at the start (`first`, `snap` at `t0`) and now.
+async fn span_row<C: Terms>(
+    c: &C,
+    load: &str,
+    (first, snap): (TermSample, CpuSnap),
+    t0: Instant,
+    append_timeouts: Option<u64>,
+) -> StabilityRow {
+    let labels = c.labels();
+    let last = sample_bounded(labels.len(), &mut async || c.sample().await).await;
+    let cpu = cpu_use(&snap, &cpu_snap(&c.pids()));
+    StabilityRow {
+        system: C::SYSTEM,
+        phase: "loaded: throughput phase".into(),
+        load: load.to_string(),
+        labels,
+        append_timeouts: delta(append_timeouts, c.append_timeouts()),
+        watch: Watch {
+            first,
+            last,
+            events: Vec::new(),
+            max_steal: None,
+            cpu,
+            elapsed: t0.elapsed(),
+        },
+    }
+}
+
+/// Watches `c` for `dur` with nothing written to it.
+async fn idle_row<C: Terms>(c: &C, phase: &str, dur: Duration) -> StabilityRow {
+    let labels = c.labels();
+    let ae0 = c.append_timeouts();
+    let watch = watch_terms(dur, &c.pids(), &labels, async || c.sample().await).await;
+    StabilityRow {
+        system: C::SYSTEM,
+        phase: phase.to_string(),
+        load: "idle (status reads only)".into(),
+        labels,
+        watch,
+        append_timeouts: delta(ae0, c.append_timeouts()),
+    }
+}
+
+fn delta(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    Some(b?.saturating_sub(a?))
+}
+
+/// Stability (b): both clusters idle side by side for `BENCH_IDLE_SECS`; then, if
+/// `BENCH_SOAK_SECS` is set, raftmesh under steady 64-client load and idle for as long each.
+async fn stability(
+    rm: &Option<RmCluster>,
+    etcd: &Option<EtcdCluster>,
+    knobs: &Knobs,
+    report: &mut Report,
+) -> Result<()> {
+    if !knobs.idle.is_zero() {
+        if let Some(c) = rm {
+            let leader = c.wait_leader().await?;
+            c.wait_caught_up(leader, &c.ids()).await?;
+        }
+        if let Some(c) = etcd {
+            let leader = etcd_leader(c).await?;
+            let all: Vec<usize> = (0..c.nodes.len()).collect();
+            c.wait_caught_up(leader, &all).await?;
+        }
+        progress!(
+            "stability: {:.0} s idle{}",
+            knobs.idle.as_secs_f64(),
+            if etcd.is_some() {
+                " (both clusters)"
+            } else {
+                ""
+            }
+        );
+        let phase = "idle";
+        let (a, b) = tokio::join!(
+            async {
+                match rm {
+                    Some(c) => Some(idle_row(c, phase, knobs.idle).await),
+                    None => None,
+                }
+            },
+            async {
+                match etcd {
+                    Some(c) => Some(idle_row(c, phase, knobs.idle).await),
+                    None => None,
+                }
+            },
+        );
+        report.stability.extend(a.into_iter().chain(b));
+    }
+    let Some(c) = rm.as_ref().filter(|_| !knobs.soak.is_zero()) else {
+        return Ok(());
+    };
+    let leader = c.wait_leader().await?;
+    c.wait_caught_up(leader, &c.ids()).await?;
+    progress!(
+        "stability soak: {:.0} s of {LOAD_CLIENTS} clients through node{leader}, then as long idle",
+        knobs.soak.as_secs_f64()
+    );
+    let labels = c.labels();
+    let pids = c.pids();
+    let ae0 = c.append_timeouts();
+    let (res, watch) = tokio::join!(
+        run_load(
+            LOAD_CLIENTS,
+            Stop::After(knobs.soak),
+            // Re-register the setup's instances: steady state, not a registry growing by
+            // thousands of instances a second (whose ever larger snapshots would be the story).
+            c.reregister_maker(leader, "inst", knobs.instances),
+            &pids,
+        ),
+        watch_terms(knobs.soak, &pids, &labels, async || c.term_sample().await),
+    );
+    let res = res?;
+    log_cell(&res);
+    report.stability.push(StabilityRow {
+        system: "raftmesh",
+        phase: "soak: loaded".into(),
+        load: format!(
+            "{LOAD_CLIENTS} clients via leader n{leader} re-registering {} instances: {:.0} ok/s, \
+             p99 {} ms, errors {}",
+            knobs.instances,
+            res.rate(),
+            opt_ms(res.pct_ms(0.99)),
+            res.errors_text()
+        ),
+        labels,
+        watch,
+        append_timeouts: delta(Some(ae0), Some(c.append_timeouts())),
+    });
+    let leader = c.wait_leader().await?;
+    c.wait_caught_up(leader, &c.ids()).await?;
+    report
+        .stability
+        .push(idle_row(c, "soak: idle", knobs.soak).await);
+    Ok(())
+}
+
+/// The etcd leader without `&mut` (`EtcdCluster::wait_leader` also watches for exits).
+async fn etcd_leader(c: &EtcdCluster) -> Result<usize> {
+    poll_until(WAIT, "an etcd leader", async || {
+        let s = c.term_sample().await;
+        Ok(s.leader
+            .and_then(|l| c.nodes.iter().position(|n| n.name == l)))
+    })
+    .await
 }
 
 fn machine_header(knobs: &Knobs) -> String {
@@ -1628,15 +2484,23 @@ fn machine_header(knobs: &Knobs) -> String {
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_default();
     format!(
-        "## raftmesh cluster benchmark\n\n3 nodes on 127.0.0.1-3, one process each, release build, default timings; \
-         {cores} cores ({model}), load average at start {load}; cells {} s, {} kills, {} instances{}{}. \
+        "## raftmesh cluster benchmark\n\n3 nodes on 127.0.0.1-3, one process each, release build, raftmesh timings {}; \
+         {cores} cores ({model}), load average at start {load}; cells {} s, {} kills, {} instances, \
+         idle window {} s, soak {}{}{}. \
          CPU columns are % of one core over the cell (machine total {} %): per server process, \
          the benchmark client, interrupts (irq+softirq: loopback networking and disk, charged \
          to no process), all other processes, and steal (the hypervisor ran other VMs). \
          Cells with much \"other\" or steal were disturbed by work outside this benchmark.",
+        knobs.timings.text(),
         knobs.secs.as_secs_f64(),
         knobs.kills,
         knobs.instances,
+        knobs.idle.as_secs_f64(),
+        if knobs.soak.is_zero() {
+            "off".to_string()
+        } else {
+            format!("{0} s loaded + {0} s idle", knobs.soak.as_secs_f64())
+        },
         if knobs.quick { " (quick mode)" } else { "" },
         if knobs.extra_args.is_empty() {
             String::new()
@@ -1694,9 +2558,10 @@ async fn run() -> Result<bool> {
             progress!("etcd: {} ({version})", bin.display());
             report.notes.push(format!(
                 "etcd: {version}, default flags (heartbeat 100 ms, election timeout 1000 ms; \
-                 raftmesh: heartbeat 100 ms, election 800-1600 ms); both fsync before \
-                 acknowledging. Both clusters run side by side; each raftmesh cell is directly \
-                 followed by the matching etcd cell, so background load hits both alike."
+                 raftmesh: {}); both fsync before acknowledging. Both clusters run side by \
+                 side; each raftmesh cell is directly followed by the matching etcd cell, so \
+                 background load hits both alike.",
+                knobs.timings.text()
             ));
             match etcd_setup(bin, &knobs, &mut report).await {
                 Ok(c) => Some(c),
@@ -1711,37 +2576,84 @@ async fn run() -> Result<bool> {
         }
     };
 
-    for role in ["leader", "follower"] {
-        for clients in CLIENTS {
-            if let Some(c) = &rm {
-                match rm_cell(c, role, clients, &knobs).await {
-                    Ok(row) => report.throughput.push(row),
-                    Err(e) => {
-                        progress!("raftmesh cell failed: {e:#}\n{}", c.logs_tail());
-                        report
-                            .notes
-                            .push(format!("raftmesh cells FAILED: {}", first_line(&e)));
-                        ok = false;
-                        rm = None;
+    if knobs.only.throughput {
+        // Stability under load (a): terms before and after all throughput cells.
+        let rm_start = match &rm {
+            Some(c) => Some((c.term_sample().await, cpu_snap(&c.pids()))),
+            None => None,
+        };
+        let rm_ae0 = rm.as_ref().map(|c| c.append_timeouts());
+        let etcd_start = match &etcd {
+            Some(c) => Some((c.term_sample().await, cpu_snap(&c.pids()))),
+            None => None,
+        };
+        let t0 = Instant::now();
+        let mut cells = 0usize;
+        for role in ["leader", "follower"] {
+            for clients in CLIENTS {
+                if let Some(c) = &rm {
+                    match rm_cell(c, role, clients, &knobs).await {
+                        Ok(row) => report.throughput.push(row),
+                        Err(e) => {
+                            progress!("raftmesh cell failed: {e:#}\n{}", c.logs_tail());
+                            report
+                                .notes
+                                .push(format!("raftmesh cells FAILED: {}", first_line(&e)));
+                            ok = false;
+                            rm = None;
+                        }
                     }
                 }
-            }
-            if let Some(c) = &mut etcd {
-                match etcd_cell(c, role, clients, &knobs).await {
-                    Ok(row) => report.throughput.push(row),
-                    Err(e) => {
-                        progress!("etcd cell failed: {e:#}\n{}", c.logs_tail());
-                        report
-                            .notes
-                            .push(format!("etcd cells FAILED: {}", first_line(&e)));
-                        etcd = None;
+                if let Some(c) = &mut etcd {
+                    match etcd_cell(c, role, clients, &knobs).await {
+                        Ok(row) => report.throughput.push(row),
+                        Err(e) => {
+                            progress!("etcd cell failed: {e:#}\n{}", c.logs_tail());
+                            report
+                                .notes
+                                .push(format!("etcd cells FAILED: {}", first_line(&e)));
+                            etcd = None;
+                        }
                     }
                 }
+                cells += 1;
             }
+        }
+        let load = format!(
+            "{cells} throughput cells x {} s (1/16/64 clients via leader and follower){}",
+            knobs.secs.as_secs_f64(),
+            if etcd.is_some() && rm.is_some() {
+                ", interleaved with the other system's cells"
+            } else {
+                ""
+            }
+        );
+        if let (Some(c), Some(start)) = (&rm, rm_start) {
+            let row = span_row(c, &load, start, t0, rm_ae0).await;
+            report.stability.push(row);
+        }
+        if let (Some(c), Some(start)) = (&etcd, etcd_start) {
+            let row = span_row(c, &load, start, t0, None).await;
+            report.stability.push(row);
         }
     }
 
-    if let Some(c) = &mut rm {
+    if knobs.only.stability {
+        if let Err(e) = stability(&rm, &etcd, &knobs, &mut report).await {
+            progress!("stability phase failed: {e:#}");
+            report
+                .notes
+                .push(format!("stability phase FAILED: {}", first_line(&e)));
+            ok = false;
+        }
+    }
+
+    if !knobs.only.failover {
+        report
+            .notes
+            .push("failover skipped (BENCH_ONLY without failover).".into());
+    }
+    if let Some(c) = rm.as_mut().filter(|_| knobs.only.failover) {
         match rm_failover(c, &knobs).await {
             Ok(fo) => report.failover.push(fo),
             Err(e) => {
@@ -1752,10 +2664,12 @@ async fn run() -> Result<bool> {
                 ok = false;
             }
         }
+    }
+    if let Some(c) = &rm {
         report.footprint.extend(c.footprint("end of run"));
     }
     drop(rm);
-    if let Some(c) = &mut etcd {
+    if let Some(c) = etcd.as_mut().filter(|_| knobs.only.failover) {
         match etcd_failover(c, &knobs).await {
             Ok(fo) => report.failover.push(fo),
             Err(e) => {
@@ -1765,6 +2679,8 @@ async fn run() -> Result<bool> {
                     .push(format!("etcd failover FAILED: {}", first_line(&e)));
             }
         }
+    }
+    if let Some(c) = &etcd {
         report.footprint.extend(c.footprint("end of run"));
     }
     drop(etcd);
