@@ -176,9 +176,9 @@ impl Timings {
     /// Server defaults (`raftmesh agent --help`), overridden by flags in `args`.
     fn from_args(args: &[String]) -> Result<Self> {
         let mut t = Timings {
-            heartbeat: 100,
-            election_min: 800,
-            election_max: 1600,
+            heartbeat: 75,
+            election_min: 150,
+            election_max: 300,
         };
         let mut it = args.iter();
         while let Some(a) = it.next() {

@@ -53,10 +53,12 @@ pub struct AgentArgs {
     #[arg(long, default_value_t = 300)]
     pub election_max_ms: u64,
     /// Build a snapshot every N applied entries; the log is purged behind it.
-    #[arg(long, default_value_t = 5000)]
+    /// An entry carries up to 256 batched writes, so the log between
+    /// snapshots can be large under load: keep N modest.
+    #[arg(long, default_value_t = 1000)]
     pub snapshot_every: u64,
     /// Entries kept in the log behind the latest snapshot.
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, default_value_t = 100)]
     pub snapshot_keep_logs: u64,
     /// How long a write waits for its commit before answering 504.
     #[arg(long, default_value_t = 5000)]
