@@ -173,13 +173,53 @@ struct Timings {
 }
 
 impl Timings {
-    /// Server defaults (`raftmesh agent --help`), overridden by flags in `args`.
+    /// The server's defaults as `raftmesh agent --help` prints them (`[default: N]`), so the
+    /// report can't drift from the binary; `None` if the binary or its help can't be read.
+    fn from_help() -> Option<Self> {
+        let (bin, _) = raftmesh_bin().ok()?;
+        let mut child = Command::new(&bin)
+            .args(["agent", "--help"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        let t0 = Instant::now();
+        while child.try_wait().ok()?.is_none() {
+            if t0.elapsed() > CONTROL_TIMEOUT {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut child.stdout.take()?, &mut text).ok()?;
+        let default_of = |flag: &str| -> Option<u64> {
+            let seg = text.split("--").find(|s| s.starts_with(flag))?;
+            seg.split("[default: ")
+                .nth(1)?
+                .split(']')
+                .next()?
+                .trim()
+                .parse()
+                .ok()
+        };
+        Some(Timings {
+            heartbeat: default_of("heartbeat-ms ")?,
+            election_min: default_of("election-min-ms ")?,
+            election_max: default_of("election-max-ms ")?,
+        })
+    }
+
+    /// Server defaults (from `--help`; the values below only if that fails), overridden by
+    /// flags in `args`.
     fn from_args(args: &[String]) -> Result<Self> {
-        let mut t = Timings {
+        let mut t = Timings::from_help().unwrap_or(Timings {
             heartbeat: 75,
             election_min: 150,
             election_max: 300,
-        };
+        });
         let mut it = args.iter();
         while let Some(a) = it.next() {
             let (flag, inline) = match a.split_once('=') {
