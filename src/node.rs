@@ -124,8 +124,10 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
     let had_state = LogStore::has_state(&db)?;
 
     let committed = Arc::new(AtomicU64::new(0));
-    let log_store = LogStore::open(&db, &sled_dir, committed.clone())?;
-    let sm = StateMachineStore::open(&db, Syncer::new(&db, &sled_dir)?)
+    // One syncer (one handle on sled's file) serves the log and the state machine.
+    let syncer = Syncer::new(&db, &sled_dir)?;
+    let log_store = LogStore::open(&db, syncer.clone(), committed.clone())?;
+    let sm = StateMachineStore::open(&db, syncer)
         .await
         .context("opening state machine")?;
     let shared = sm.shared();

@@ -26,9 +26,9 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, TempDir> for SledBuil
             .path(&sled_dir)
             .open()
             .map_err(|e| io(&e))?;
-        let log =
-            LogStore::open(&db, &sled_dir, Arc::new(AtomicU64::new(0))).map_err(|e| io(&e))?;
         let syncer = Syncer::new(&db, &sled_dir).map_err(|e| io(&e))?;
+        let log =
+            LogStore::open(&db, syncer.clone(), Arc::new(AtomicU64::new(0))).map_err(|e| io(&e))?;
         let sm = StateMachineStore::open(&db, syncer).await?;
         Ok((dir, log, sm))
     }

@@ -145,14 +145,13 @@ fn read_entries<RB: RangeBounds<u64>>(
 }
 
 impl LogStore {
-    /// Opens the log trees of `db`, whose files are in `sled_dir`, and starts
-    /// the flusher thread; `committed` is shared with status reporting.
+    /// Opens the log trees of `db` and starts the flusher thread, which
+    /// syncs through `syncer`; `committed` is shared with status reporting.
     pub fn open(
         db: &sled::Db,
-        sled_dir: &Path,
+        syncer: Syncer,
         committed: Arc<AtomicU64>,
     ) -> Result<Self, std::io::Error> {
-        let syncer = Syncer::new(db, sled_dir)?;
         let (flusher, rx) = tokio::sync::mpsc::channel(FLUSH_QUEUE);
         let thread_syncer = syncer.clone();
         std::thread::Builder::new()

@@ -318,9 +318,12 @@ impl RaftNode {
             return Err(ClusterError::NoLeader);
         }
         let mut rx = self.raft.metrics();
+        // A fresh receiver counts the current value as unseen; mark it seen so
+        // `changed` waits for the next metrics change (new term, new leader).
+        rx.borrow_and_update();
         let wait = (deadline - now).min(Duration::from_millis(200));
-        // A metrics change (new term, new leader) or a short pause, whichever
-        // comes first; either way the caller re-reads the leader.
+        // That change or a short pause, whichever comes first; either way the
+        // caller re-reads the leader.
         let _ = tokio::time::timeout(wait, rx.changed()).await;
         tokio::time::sleep(RETRY_PAUSE.min(deadline.saturating_duration_since(Instant::now())))
             .await;
@@ -369,7 +372,9 @@ impl RaftNode {
         loop {
             let outcome = match self.leader_and_node() {
                 Some((leader, _)) if leader == self.id => local().await,
-                Some((_, Some(node))) => self.forward(&node.peer_addr, path, req, timeout).await,
+                Some((_, Some(node))) => {
+                    forward_call(&self.client, &node.peer_addr, path, req, timeout).await
+                }
                 _ => Err(ClusterError::NoLeader),
             };
             match outcome {
@@ -385,19 +390,6 @@ impl RaftNode {
     /// writes: one hop only), batched with whatever else is waiting.
     pub(crate) async fn write_local(&self, cmd: Command) -> Result<Written, ClusterError> {
         self.propose(cmd, Route::LocalOnly).await
-    }
-
-    /// Sends an internal call to the leader's peer listener. A refused
-    /// connection means nothing was delivered, so it counts as "no leader"
-    /// and the caller retries; any later failure leaves the outcome unknown.
-    async fn forward<Req: Serialize, T: serde::de::DeserializeOwned>(
-        &self,
-        peer_addr: &str,
-        path: &str,
-        req: &Req,
-        timeout: Duration,
-    ) -> Result<T, ClusterError> {
-        forward_call(&self.client, peer_addr, path, req, timeout).await
     }
 
     /// A linearizable read barrier: when it returns `Ok`, the local applied
