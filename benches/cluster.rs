@@ -243,19 +243,11 @@ impl Timings {
         Ok(t)
     }
 
-    /// openraft 0.9 ticks (election check, heartbeat) every 1.5 heartbeat intervals.
-    fn tick(&self) -> u64 {
-        self.heartbeat * 3 / 2
-    }
-
     /// When a survivor should start an election after the leader dies, in ms after the kill:
-    /// leader lease (= election max) + its own timeout in [min, max), counted from the last
-    /// contact (the bench writes just before the kill), seen on the next tick.
+    /// its random wait in [min, max), counted from its last contact (the bench writes just
+    /// before the kill), seen on the detector's 5 ms poll, plus a pre-vote round trip.
     fn predicted_election(&self) -> (u64, u64) {
-        (
-            self.election_max + self.election_min,
-            2 * self.election_max + self.tick(),
-        )
+        (self.election_min, self.election_max + 5)
     }
 
     fn text(&self) -> String {
@@ -1714,9 +1706,9 @@ fn render(report: &Report, knobs: &Knobs, header: &str) -> String {
     let (lo, hi) = knobs.timings.predicted_election();
     let _ = writeln!(
         o,
-        "raftmesh timings: {} (openraft ticks every {} ms). Predicted election start after a kill: \
-         leader lease (= election max) + the survivor's own timeout in [min, max), from its last \
-         contact (a write just before the kill), seen on a tick: {lo}-{hi} ms. \
+        "raftmesh timings: {}. Predicted election start after a kill: the survivor's random \
+         wait in [min, max) from its last contact (a write just before the kill), then a \
+         pre-vote: {lo}-{hi} ms. \
          \"election start\" / \"won\" / \"first commit\" are when a 10 ms poll of the survivors' \
          status first saw a higher term / a leader at a higher term / that leader's commit index \
          past the old leader's (its blank entry committed; etcd: `raftIndex`); a first 200 well \
@@ -1727,7 +1719,6 @@ fn render(report: &Report, knobs: &Knobs, header: &str) -> String {
          that passed while the killed node restarted and caught up, beyond the failover's own \
          election (a restarted node that campaigns before the leader reaches it forces one).\n",
         knobs.timings.text(),
-        knobs.timings.tick(),
     );
     let _ = writeln!(
         o,

@@ -143,6 +143,9 @@ start_node() {
   printf '=== %s cluster: starting node%s ===\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$n" >>"$log"
   # setsid does not fork here (a background job of a non-interactive shell is
   # not a process group leader), so $! is the node's pid once it execs.
+  # RAFTMESH_AGENT_ARGS: extra agent flags for every node (timings, say).
+  local -a extra=()
+  read -r -a extra <<<"${RAFTMESH_AGENT_ARGS:-}"
   nohup setsid "$BIN" agent \
     --id "$n" \
     --api-addr "$(api_addr "$n")" \
@@ -150,6 +153,7 @@ start_node() {
     --bootstrap-expect "${#NODE_IDS[@]}" \
     --join "$(join_list)" \
     --data-dir "$(data_dir "$n")" \
+    "${extra[@]}" \
     </dev/null >>"$log" 2>&1 &
   NODE_PID=$!
   # shellcheck disable=SC2034 # read by the calling script

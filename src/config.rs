@@ -39,18 +39,19 @@ pub struct AgentArgs {
     /// One bootstrapped node with data in a temporary directory.
     #[arg(long)]
     pub dev: bool,
-    /// Leader heartbeat interval. openraft 0.9 also uses it as the timeout
-    /// of every AppendEntries RPC, so it must exceed a loaded follower's
-    /// append + fsync time, or replication stalls and followers campaign.
-    #[arg(long, default_value_t = 75)]
+    /// How often the leader sends each follower a heartbeat. openraft's
+    /// AppendEntries timeout is twice this, so a follower slowed by its disk
+    /// is not cut off.
+    #[arg(long, default_value_t = 50)]
     pub heartbeat_ms: u64,
-    /// Minimum election timeout; each node draws its timeout once, in
-    /// [min, max). A follower campaigns after max (openraft's leader lease)
-    /// plus its own timeout without hearing from the leader.
+    /// A voter that hears no leader for a random time in [min, max) asks
+    /// the others for a pre-vote and, with a majority, campaigns. Voters
+    /// refuse real votes until min minus half a heartbeat (the leader lease)
+    /// after their last contact. At least twice the heartbeat.
     #[arg(long, default_value_t = 150)]
     pub election_min_ms: u64,
-    /// Maximum election timeout (also the leader lease).
-    #[arg(long, default_value_t = 300)]
+    /// Upper end of the election wait.
+    #[arg(long, default_value_t = 250)]
     pub election_max_ms: u64,
     /// Build a snapshot every N applied entries; the log is purged behind it.
     /// An entry carries up to 256 batched writes, so the log between
@@ -70,6 +71,11 @@ pub struct AgentArgs {
     /// which dominate CPU on small virtual machines.
     #[arg(long, default_value_t = 2)]
     pub worker_threads: usize,
+    /// sled's page cache in MiB. Too small a cache makes sled read pages
+    /// back from disk, and every such read first forces the write buffer
+    /// out with its own sync; too large a cache is resident memory.
+    #[arg(long, default_value_t = 4)]
+    pub cache_mb: u64,
 }
 
 /// Where the node keeps its data.
@@ -107,6 +113,7 @@ pub struct AgentConfig {
     pub snapshot_keep_logs: u64,
     pub write_timeout: Duration,
     pub leader_wait: Duration,
+    pub cache_bytes: u64,
 }
 
 /// A flag combination that cannot work.
@@ -120,7 +127,7 @@ pub enum ConfigError {
     BadExpect,
     #[error("--join address {0:?} is not HOST:PORT")]
     BadJoin(String),
-    #[error("timings: need 0 < heartbeat ({heartbeat} ms) < election min ({min} ms) < election max ({max} ms)")]
+    #[error("timings: need 10 <= heartbeat ({heartbeat} ms), 2 x heartbeat <= election min ({min} ms) < election max ({max} ms)")]
     BadTimings { heartbeat: u64, min: u64, max: u64 },
     #[error("--snapshot-every must be at least 1")]
     BadSnapshot,
@@ -169,7 +176,7 @@ impl AgentArgs {
             self.election_min_ms,
             self.election_max_ms,
         );
-        if hb == 0 || hb >= min || min >= max {
+        if hb < 10 || min < 2 * hb || min >= max {
             return Err(ConfigError::BadTimings {
                 heartbeat: hb,
                 min,
@@ -198,6 +205,7 @@ impl AgentArgs {
             snapshot_keep_logs: self.snapshot_keep_logs,
             write_timeout: Duration::from_millis(self.write_timeout_ms),
             leader_wait: Duration::from_millis(self.leader_wait_ms),
+            cache_bytes: self.cache_mb.saturating_mul(1024 * 1024),
         })
     }
 }

@@ -7,6 +7,11 @@ use clap::{Parser, Subcommand};
 use raftmesh::cli::{ClientCommand, ClientOpts};
 use raftmesh::config::AgentArgs;
 
+// glibc malloc took about a sixth of a loaded leader's CPU (profiled under
+// 64 concurrent writers); mimalloc's thread-local free lists cost far less.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// A Raft-replicated service registry with a Consul-compatible API.
 #[derive(Debug, Parser)]
 #[command(name = "raftmesh", version)]

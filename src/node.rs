@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::AgentConfig;
+use crate::raft::detector::{self, ElectionTiming};
 use crate::raft::log_store::{LogStore, Syncer};
 use crate::raft::network::{NetworkFactory, PeerClient};
 use crate::raft::state_machine::StateMachineStore;
@@ -53,13 +54,22 @@ fn write_addrs(dir: &Path, ready: &Ready<'_>) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn election_timing(cfg: &AgentConfig) -> ElectionTiming {
+    ElectionTiming {
+        heartbeat: cfg.heartbeat,
+        election_min: cfg.election_min,
+        election_max: cfg.election_max,
+    }
+}
+
 fn raft_config(cfg: &AgentConfig) -> anyhow::Result<openraft::Config> {
-    let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    let (heartbeat_interval, election_timeout_min, election_timeout_max) =
+        election_timing(cfg).openraft_timeouts();
     let c = openraft::Config {
         cluster_name: "raftmesh".into(),
-        heartbeat_interval: ms(cfg.heartbeat),
-        election_timeout_min: ms(cfg.election_min),
-        election_timeout_max: ms(cfg.election_max),
+        heartbeat_interval,
+        election_timeout_min,
+        election_timeout_max,
         install_snapshot_timeout: 5000,
         snapshot_max_chunk_size: 1024 * 1024,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(cfg.snapshot_every),
@@ -118,7 +128,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
     let sled_dir = dir.join("sled");
     let db = sled::Config::new()
         .path(&sled_dir)
-        .cache_capacity(4 * 1024 * 1024)
+        .cache_capacity(cfg.cache_bytes)
         .open()
         .with_context(|| format!("opening sled in {}", dir.display()))?;
     let had_state = LogStore::has_state(&db)?;
@@ -151,6 +161,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
     let timing = Timing {
         write_timeout: cfg.write_timeout,
         leader_wait: cfg.leader_wait,
+        election: election_timing(&cfg),
     };
     let node = Arc::new(RaftNode::new(
         cfg.id,
@@ -181,6 +192,14 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
         &api_stop,
         "API",
     );
+
+    // Heartbeats and elections: the detector owns them from here on.
+    let detector_stop = CancellationToken::new();
+    let detector_task = tokio::spawn(detector::run(
+        node.clone(),
+        election_timing(&cfg),
+        detector_stop.clone(),
+    ));
 
     let ready = Ready {
         id: cfg.id,
@@ -218,6 +237,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
     api_stop.cancel();
     drain(&api_tasks, "API server").await;
     drain(&bootstrap_tasks, "bootstrap").await;
+    detector_stop.cancel();
+    let _ = detector_task.await;
     tracing::info!("shutting down: stopping raft");
     if let Err(e) = raft.shutdown().await {
         tracing::warn!(error = %e, "raft shutdown reported an error");

@@ -1,6 +1,7 @@
 //! End-to-end cluster scenarios for the `raftmesh` binary: formation and reads on every node,
 //! leader failover, snapshot catch-up after a restart, clean SIGTERM shutdown and restart,
-//! write rejection without quorum, and input validation. Each test runs real processes through
+//! write rejection without quorum, input validation, and a frozen follower that wakes up without
+//! unseating the leader (pre-vote). Each test runs real processes through
 //! the harness in `tests/common/mod.rs` and proves its scenario actually happened.
 //!
 //! Run with: `cargo test --test cluster -- --test-threads=1`
@@ -736,6 +737,74 @@ async fn concurrent_writes_body(c: &mut Cluster) -> Result<()> {
             seen == acked,
             "node {id} is missing {:?}",
             acked.difference(&seen).collect::<Vec<_>>()
+        );
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------ 8
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_follower_does_not_unseat_leader() -> Result<()> {
+    let mut c = Cluster::new(&[])?;
+    let r = paused_follower_body(&mut c).await;
+    c.finish(r)
+}
+
+/// A follower frozen (SIGSTOP) well past its election wait wakes up having heard from no leader
+/// for a long time. It must ask the others first (pre-vote) and, since they still hear the
+/// leader, not campaign: the term and the leader stay, and it catches up as a follower. Without
+/// the pre-vote it would raise the term and the leader would step down.
+async fn paused_follower_body(c: &mut Cluster) -> Result<()> {
+    let leader = c.form().await?;
+    let term_before = c.status(leader).await?["term"].as_u64().context("term")?;
+    let follower = c
+        .ids()
+        .into_iter()
+        .find(|&i| i != leader)
+        .context("a follower")?;
+
+    c.signal(follower, "STOP")?;
+    // Keep the cluster busy while the follower is frozen for several election waits (the
+    // default election max is 250 ms); the writes commit on the leader and the other follower.
+    let frozen_since = Instant::now();
+    let mut n = 0u64;
+    while frozen_since.elapsed() < Duration::from_millis(1500) {
+        register_ok(
+            c,
+            leader,
+            json!({"Name": "busy", "ID": format!("busy-{n}"), "Port": 9000}),
+        )
+        .await?;
+        n += 1;
+    }
+    c.signal(follower, "CONT")?;
+
+    let leader_commit = c.status(leader).await?["commit_index"]
+        .as_u64()
+        .context("commit_index")?;
+    c.eventually(WAIT, "the thawed follower to catch up", async || {
+        let s = c.status(follower).await?;
+        let applied = s["applied_index"].as_u64().context("applied_index")?;
+        ensure!(
+            applied >= leader_commit,
+            "applied {applied} < {leader_commit}"
+        );
+        Ok(())
+    })
+    .await?;
+
+    for id in c.ids() {
+        let s = c.status(id).await?;
+        ensure!(
+            s["term"].as_u64() == Some(term_before),
+            "node {id} is at term {} (was {term_before}): the thawed follower campaigned",
+            s["term"]
+        );
+        ensure!(
+            s["leader_id"].as_u64() == Some(leader),
+            "node {id} follows {} instead of {leader}",
+            s["leader_id"]
         );
     }
     Ok(())

@@ -14,6 +14,7 @@
 //! - Every wait is bounded by `Timing`.
 
 pub mod bootstrap;
+pub mod detector;
 pub mod log_store;
 pub mod network;
 pub mod proposer;
@@ -23,7 +24,7 @@ pub mod types;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use openraft::error::{ClientWriteError, RaftError as OpenRaftError};
@@ -81,6 +82,8 @@ pub struct Timing {
     pub write_timeout: Duration,
     /// How long a request waits for a leader to exist before giving up.
     pub leader_wait: Duration,
+    /// Heartbeat and election timings (`detector`).
+    pub election: detector::ElectionTiming,
 }
 
 /// This node's view of itself, served by `GET /v1/cluster/status`.
@@ -131,9 +134,8 @@ pub struct RaftNode {
     client: PeerClient,
     /// Last committed index, mirrored by the log store.
     committed: Arc<AtomicU64>,
-    /// When an AppendEntries from a leader last arrived; for LastContact.
-    last_contact: Mutex<Option<Instant>>,
-    started: Instant,
+    /// When a leader was last heard from: LastContact, pre-votes, elections.
+    clock: detector::Clock,
     timing: Timing,
     discovery: Discovery,
     /// Batches this node's proposals while it leads.
@@ -145,11 +147,14 @@ pub(crate) const PATH_WRITE: &str = "/internal/write";
 pub(crate) const PATH_READ_INDEX: &str = "/internal/read-index";
 pub(crate) const PATH_MEMBERSHIP: &str = "/internal/membership";
 pub(crate) const PATH_MEMBERS: &str = "/internal/members";
+pub(crate) const PATH_PRE_VOTE: &str = "/internal/pre-vote";
 
 /// Slack added to forwarded calls so the leader's own timeout fires first
 /// and its more precise answer comes back.
 const FORWARD_SLACK: Duration = Duration::from_secs(2);
-const RETRY_PAUSE: Duration = Duration::from_millis(50);
+/// Longest single wait for a new leader between tries; a try that failed
+/// for a reason no election fixes is repeated after this.
+const CHANGE_WAIT: Duration = Duration::from_millis(100);
 
 fn stopped(e: impl std::fmt::Display) -> ClusterError {
     ClusterError::Stopped(e.to_string())
@@ -193,24 +198,34 @@ pub(crate) async fn forward_call<Req: Serialize, T: serde::de::DeserializeOwned>
     reply
 }
 
-/// One `client_write` with openraft's errors mapped to ours.
-pub(crate) async fn client_write(
+/// Hands `cmd` to openraft's core and returns the wait for its commit.
+///
+/// Submission is ordered: commands submitted one after another are
+/// appended to the log in that order, whether or not the caller waits for
+/// the first commit before submitting the next. The returned future maps
+/// openraft's answers to ours and gives up after `timeout`.
+pub(crate) async fn submit_write(
     raft: &Raft,
     cmd: Command,
     timeout: Duration,
-) -> Result<Written, ClusterError> {
-    match tokio::time::timeout(timeout, raft.client_write(cmd)).await {
-        Err(_) => Err(outcome_unknown(timeout)),
-        Ok(Ok(resp)) => Ok(Written {
-            response: resp.data,
-            index: resp.log_id.index,
-        }),
-        Ok(Err(OpenRaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
-            Err(ClusterError::NotLeader)
+) -> Result<impl std::future::Future<Output = Result<Written, ClusterError>>, ClusterError> {
+    let rx = match tokio::time::timeout(timeout, raft.client_write_ff(cmd)).await {
+        Err(_) => return Err(outcome_unknown(timeout)),
+        Ok(Err(e)) => return Err(stopped(e)),
+        Ok(Ok(rx)) => rx,
+    };
+    Ok(async move {
+        match tokio::time::timeout(timeout, rx).await {
+            Err(_) => Err(outcome_unknown(timeout)),
+            Ok(Err(closed)) => Err(stopped(closed)),
+            Ok(Ok(Ok(resp))) => Ok(Written {
+                response: resp.data,
+                index: resp.log_id.index,
+            }),
+            Ok(Ok(Err(ClientWriteError::ForwardToLeader(_)))) => Err(ClusterError::NotLeader),
+            Ok(Ok(Err(e))) => Err(ClusterError::Internal(e.to_string())),
         }
-        Ok(Err(OpenRaftError::APIError(e))) => Err(ClusterError::Internal(e.to_string())),
-        Ok(Err(OpenRaftError::Fatal(e))) => Err(stopped(e)),
-    }
+    })
 }
 
 impl RaftNode {
@@ -238,8 +253,7 @@ impl RaftNode {
             shared,
             client,
             committed,
-            last_contact: Mutex::new(None),
-            started: Instant::now(),
+            clock: detector::Clock::new(),
             timing,
             discovery,
             proposer,
@@ -275,8 +289,13 @@ impl RaftNode {
         &self.shared
     }
 
-    pub(crate) fn touch_leader_contact(&self) {
-        *self.last_contact.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    pub(crate) fn clock(&self) -> &detector::Clock {
+        &self.clock
+    }
+
+    /// This node's answer to a candidate's pre-vote.
+    pub(crate) fn pre_vote_local(&self, req: &detector::PreVote) -> bool {
+        detector::answer_pre_vote(&self.raft, &self.clock, &self.timing.election, req)
     }
 
     fn leader_and_node(&self) -> Option<(NodeId, Option<PeerNode>)> {
@@ -297,12 +316,7 @@ impl RaftNode {
         let last_contact_ms = if m.state == ServerState::Leader {
             0
         } else {
-            let since = self
-                .last_contact
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .unwrap_or(self.started);
-            u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
+            u64::try_from(self.clock.since_contact().as_millis()).unwrap_or(u64::MAX)
         };
         ReadMeta {
             index: self.shared.applied_index().max(1),
@@ -311,32 +325,43 @@ impl RaftNode {
         }
     }
 
-    /// Waits until a leader is known or `deadline` passes.
-    async fn wait_for_change(&self, deadline: Instant) -> Result<(), ClusterError> {
+    /// After a try failed for want of a (reachable) leader: waits until the
+    /// metrics name a leader other than `failed` (a new election), at most
+    /// `CHANGE_WAIT` at a time, or fails once `deadline` passes.
+    async fn wait_for_change(
+        &self,
+        failed: Option<(u64, NodeId)>,
+        deadline: Instant,
+    ) -> Result<(), ClusterError> {
         let now = Instant::now();
         if now >= deadline {
             return Err(ClusterError::NoLeader);
         }
+        let wait = (deadline - now).min(CHANGE_WAIT);
         let mut rx = self.raft.metrics();
-        // A fresh receiver counts the current value as unseen; mark it seen so
-        // `changed` waits for the next metrics change (new term, new leader).
-        rx.borrow_and_update();
-        let wait = (deadline - now).min(Duration::from_millis(200));
-        // That change or a short pause, whichever comes first; either way the
-        // caller re-reads the leader.
-        let _ = tokio::time::timeout(wait, rx.changed()).await;
-        tokio::time::sleep(RETRY_PAUSE.min(deadline.saturating_duration_since(Instant::now())))
-            .await;
+        let changed = rx.wait_for(|m| match m.current_leader {
+            Some(l) => Some((m.current_term, l)) != failed,
+            None => false,
+        });
+        let _ = tokio::time::timeout(wait, changed).await;
         Ok(())
+    }
+
+    /// The (term, leader) this node currently believes in.
+    fn believed_leader(&self) -> Option<(u64, NodeId)> {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        m.current_leader.map(|l| (m.current_term, l))
     }
 
     /// Commits `cmd` through whichever node leads; see the module invariants.
     pub async fn write(&self, cmd: Command) -> Result<Written, ClusterError> {
         let deadline = Instant::now() + self.timing.leader_wait;
         loop {
+            let believed = self.believed_leader();
             match self.propose(cmd.clone(), Route::ViaLeader).await {
                 Err(ClusterError::NotLeader | ClusterError::NoLeader) => {
-                    self.wait_for_change(deadline).await?
+                    self.wait_for_change(believed, deadline).await?
                 }
                 other => return other,
             }
@@ -370,6 +395,7 @@ impl RaftNode {
     {
         let deadline = Instant::now() + self.timing.leader_wait;
         loop {
+            let believed = self.believed_leader();
             let outcome = match self.leader_and_node() {
                 Some((leader, _)) if leader == self.id => local().await,
                 Some((_, Some(node))) => {
@@ -379,7 +405,7 @@ impl RaftNode {
             };
             match outcome {
                 Err(ClusterError::NotLeader | ClusterError::NoLeader) => {
-                    self.wait_for_change(deadline).await?
+                    self.wait_for_change(believed, deadline).await?
                 }
                 other => return other,
             }

@@ -1,5 +1,6 @@
 //! The peer listener: openraft RPCs from other nodes and the internal calls
-//! followers forward to the leader (writes, read index, membership).
+//! followers forward to the leader (writes, read index, membership), and
+//! the pre-vote candidates ask before they campaign (`detector`).
 //!
 //! Owns the peer axum router. Does not serve clients (`api`). Each request
 //! runs in its own tracing span named after the RPC. Bodies are bounded by
@@ -12,13 +13,14 @@ use axum::routing::post;
 use axum::{Json, Router};
 use tracing::Instrument;
 
+use super::detector::PreVote;
 use super::types::{
     AppendRequest, AppendResponse, InstallSnapshotError, RaftError, SnapshotRequest,
     SnapshotResponse, VoteRequest, VoteResponse,
 };
 use super::{
     ClusterError, Member, MembershipOp, RaftNode, Written, PATH_MEMBERS, PATH_MEMBERSHIP,
-    PATH_READ_INDEX, PATH_WRITE,
+    PATH_PRE_VOTE, PATH_READ_INDEX, PATH_WRITE,
 };
 use crate::registry::Command;
 
@@ -37,15 +39,17 @@ async fn append(
         entries = req.entries.len()
     );
     async move {
+        // Heard from a leader at least as new as ours: count the contact on
+        // arrival, as openraft's lease does, not after the disk sync.
+        if req.vote >= n.raft().metrics().borrow().vote {
+            n.clock().contact();
+        }
         let started = std::time::Instant::now();
         let res = n.raft().append_entries(req).await;
         tracing::debug!(
             elapsed_us = started.elapsed().as_micros() as u64,
             "append handled"
         );
-        if res.is_ok() {
-            n.touch_leader_contact();
-        }
         Json(res)
     }
     .instrument(span)
@@ -57,7 +61,17 @@ async fn vote(
     Json(req): Json<VoteRequest>,
 ) -> Json<Result<VoteResponse, RaftError>> {
     let span = tracing::debug_span!("raft_vote", candidate = req.vote.leader_id().voted_for());
-    Json(n.raft().vote(req).instrument(span).await)
+    let res = n.raft().vote(req).instrument(span).await;
+    if matches!(&res, Ok(r) if r.vote_granted) {
+        // Raft restarts the election wait of a node that grants a vote.
+        n.clock().defer();
+    }
+    Json(res)
+}
+
+async fn pre_vote(State(n): Node, Json(req): Json<PreVote>) -> Json<bool> {
+    let span = tracing::debug_span!("raft_pre_vote", candidate = req.candidate);
+    Json(span.in_scope(|| n.pre_vote_local(&req)))
 }
 
 async fn snapshot(
@@ -67,7 +81,7 @@ async fn snapshot(
     let span = tracing::info_span!("raft_snapshot", offset = req.offset, done = req.done);
     let res = n.raft().install_snapshot(req).instrument(span).await;
     if res.is_ok() {
-        n.touch_leader_contact();
+        n.clock().contact();
     }
     Json(res)
 }
@@ -107,6 +121,7 @@ pub fn router(node: Arc<RaftNode>) -> Router {
         .route(PATH_READ_INDEX, post(read_index))
         .route(PATH_MEMBERSHIP, post(membership))
         .route(PATH_MEMBERS, post(members))
+        .route(PATH_PRE_VOTE, post(pre_vote))
         .layer(DefaultBodyLimit::max(MAX_PEER_BODY))
         .with_state(node)
 }
