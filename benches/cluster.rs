@@ -1,6 +1,6 @@
 //! End-to-end cluster benchmark of raftmesh, with etcd as a yardstick.
 //!
-//! Starts a three-node raftmesh cluster of real `raftmesh agent` processes (release build) on
+//! Starts a three-node raftmesh cluster of real `raftmesh agent` processes (the `dist` build unless `BENCH_PROFILE=release`) on
 //! 127.0.0.1, 127.0.0.2 and 127.0.0.3 (port 0, addresses read back from each node's
 //! `addrs.json`; temporary data dirs) and measures:
 //!
@@ -41,7 +41,8 @@
 //! hypervisor's steal time (`/proc/stat`), so a run disturbed by other work on the machine
 //! shows it.
 //!
-//! Run: `cargo bench --bench cluster` (builds raftmesh in release). Knobs (environment):
+//! Run: `cargo bench --bench cluster` (builds and measures the `dist` profile of raftmesh, what
+//! `cluster/up` runs; `BENCH_PROFILE=release` measures the release build). Knobs (environment):
 //! `BENCH_SECS` seconds per throughput cell (default 5), `BENCH_KILLS` failover rounds
 //! (default 10), `BENCH_INSTANCES` instances for the footprint phase (default 10000),
 //! `BENCH_QUICK=1` for 1 s cells, 3 kills and 1000 instances (explicit knobs still win),
@@ -986,7 +987,35 @@ struct RmCluster {
     http: reqwest::Client,
 }
 
+/// The raftmesh binary to measure. By default the bench builds the `dist` profile (what
+/// `cluster/up` runs: fat LTO, one codegen unit) with `cargo build --profile dist` and uses
+/// `target/dist/raftmesh`; `BENCH_PROFILE=release` measures the release build cargo made for
+/// this bench instead. Built once per run.
 fn raftmesh_bin() -> Result<(PathBuf, &'static str)> {
+    static BIN: LazyLock<Result<(PathBuf, &'static str), String>> =
+        LazyLock::new(|| locate_raftmesh_bin().map_err(|e| format!("{e:#}")));
+    BIN.clone().map_err(|e| anyhow!(e))
+}
+
+fn locate_raftmesh_bin() -> Result<(PathBuf, &'static str)> {
+    let profile = std::env::var("BENCH_PROFILE").unwrap_or_else(|_| "dist".into());
+    if profile != "release" {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        progress!("building raftmesh with `cargo build --profile {profile}`");
+        let st = Command::new(cargo)
+            .args(["build", "--profile", &profile, "--bin", "raftmesh"])
+            .current_dir(&root)
+            .status()
+            .context("running cargo build")?;
+        ensure!(st.success(), "cargo build --profile {profile} failed: {st}");
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join("target"));
+        let p = target.join(&profile).join("raftmesh");
+        ensure!(p.exists(), "{} missing after the build", p.display());
+        return Ok((p, "cargo build --profile dist"));
+    }
     // Cargo sets CARGO_BIN_EXE_<name> for integration tests and benches.
     if let Some(p) = option_env!("CARGO_BIN_EXE_raftmesh") {
         let p = PathBuf::from(p);
@@ -1191,7 +1220,7 @@ impl RmCluster {
         self.nodes.iter().map(|n| format!("n{}", n.id)).collect()
     }
 
-    /// Replication RPCs that hit openraft's AppendEntries timeout (which openraft 0.9 sets to
+    /// Replication RPCs that hit openraft's AppendEntries timeout (raftmesh sets it to twice
     /// the heartbeat interval), counted from the WARN lines in all node logs so far: openraft's
     /// own timer ("timeout after N ms when AppendEntries") or the peer client's, which gets the
     /// same TTL and races it ("/raft/append ... operation timed out").
@@ -1804,10 +1833,10 @@ fn render(report: &Report, knobs: &Knobs, header: &str) -> String {
             o,
             "Terms are sampled once a second (reads only); \"changes seen\" times each change and \
              gives that second's steal. AE timeouts: raftmesh replication RPCs that outlived \
-             openraft's AppendEntries timeout, which openraft 0.9 sets to the heartbeat interval \
-             ({} ms here; WARN lines in the node logs). \"CPU % other\": every process but this \
+             openraft's AppendEntries timeout, which raftmesh sets to twice the heartbeat \
+             interval ({} ms here; WARN lines in the node logs). \"CPU % other\": every process but this \
              system's servers and the benchmark (the other system's servers included).\n",
-            knobs.timings.heartbeat
+            2 * knobs.timings.heartbeat
         );
         let _ = writeln!(
             o,
@@ -2515,13 +2544,14 @@ fn machine_header(knobs: &Knobs) -> String {
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_default();
     format!(
-        "## raftmesh cluster benchmark\n\n3 nodes on 127.0.0.1-3, one process each, release build, raftmesh timings {}; \
+        "## raftmesh cluster benchmark\n\n3 nodes on 127.0.0.1-3, one process each, {} build, raftmesh timings {}; \
          {cores} cores ({model}), load average at start {load}; cells {} s, {} kills, {} instances, \
          idle window {} s, soak {}{}{}. \
          CPU columns are % of one core over the cell (machine total {} %): per server process, \
          the benchmark client, interrupts (irq+softirq: loopback networking and disk, charged \
          to no process), all other processes, and steal (the hypervisor ran other VMs). \
          Cells with much \"other\" or steal were disturbed by work outside this benchmark.",
+        std::env::var("BENCH_PROFILE").unwrap_or_else(|_| "dist".into()),
         knobs.timings.text(),
         knobs.secs.as_secs_f64(),
         knobs.kills,

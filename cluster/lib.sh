@@ -14,7 +14,7 @@
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 DATA="$ROOT/cluster/data"
-BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/raftmesh"
+BIN="${CARGO_TARGET_DIR:-$ROOT/target}/dist/raftmesh"
 NODE_IDS=(1 2 3)
 API_PORT=8500
 PEER_PORT=8300
@@ -122,7 +122,7 @@ node_status() {
 ensure_binary() {
   if [[ ! -x $BIN ]]; then
     info "building $BIN"
-    (cd "$ROOT" && cargo build --release)
+    (cd "$ROOT" && cargo build --profile dist --bin raftmesh)
   fi
   [[ -x $BIN ]] || die "$BIN missing after build"
 }

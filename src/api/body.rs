@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use serde_json::{Map, Value};
 
 use super::error::ApiError;
-use crate::registry::{CheckDef, ServiceSpec};
+use crate::registry::{CheckDef, Meta, ServiceSpec};
 
 /// Decoded query parameters, in order; flags count by presence.
 #[derive(Debug, Default, Clone)]
@@ -99,9 +99,9 @@ impl<'a> Fields<'a> {
         }
     }
 
-    pub fn string_map(&self, field: &str) -> Result<BTreeMap<String, String>, ApiError> {
+    pub fn string_map(&self, field: &str) -> Result<Meta, ApiError> {
         match self.get(field) {
-            None => Ok(BTreeMap::new()),
+            None => Ok(Meta::new()),
             Some(Value::Object(m)) => m
                 .iter()
                 .map(|(k, v)| match v {
@@ -252,7 +252,7 @@ mod tests {
         let s = service(br#"{"name":"db","PORT":5432,"tags":["a"],"meta":{"Ver":"1"}}"#)
             .expect("decodes");
         assert_eq!((s.name.as_str(), s.id.as_str(), s.port), ("db", "db", 5432));
-        assert_eq!(s.meta.get("Ver").map(String::as_str), Some("1"));
+        assert_eq!(s.meta.get("Ver"), Some("1"));
         let s = service(
             br#"{"Name":"w","check":{"ttl":"10s","deregister_critical_service_after":"1m"}}"#,
         )

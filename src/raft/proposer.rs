@@ -1,11 +1,10 @@
 //! Group commit of writes: concurrent commands on a node travel together as
 //! one Raft entry (on the leader) or one forwarded call (on a follower).
 //!
-//! Why: openraft 0.9 waits for each appended entry's log flush before it
-//! appends the next, so one entry per write would cost one fsync per write.
-//! Batching makes one fsync and one replication round serve every write that
-//! arrived while the previous batch was being committed; on a follower it
-//! also makes one peer call carry many writes.
+//! Why: every Raft entry costs a log sync and a replication round on every
+//! node, whatever it carries. Batching makes one of each serve every write
+//! that arrived while the previous batch was being committed; on a follower
+//! it also makes one peer call carry many writes.
 //!
 //! Owns the proposal queue and the task that drains it. Does not retry: a
 //! batch that finds no (reachable) leader answers `NoLeader`/`NotLeader` to

@@ -18,6 +18,7 @@
 //! - `last_index` only grows; it is the index of the last applied entry.
 
 mod duration;
+mod meta;
 mod validate;
 
 use std::collections::BTreeMap;
@@ -25,6 +26,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 pub use duration::{parse_duration, DurationError};
+pub use meta::Meta;
 pub use validate::{validate_service, ValidationError};
 
 /// Raft node ids are plain integers chosen by the operator (`--id`).
@@ -68,7 +70,7 @@ pub struct ServiceSpec {
     pub tags: Vec<String>,
     pub address: String,
     pub port: u16,
-    pub meta: BTreeMap<String, String>,
+    pub meta: Meta,
     pub checks: Vec<CheckDef>,
 }
 

@@ -97,7 +97,7 @@ pub fn validate_service(spec: &ServiceSpec) -> Result<(), ValidationError> {
             max: MAX_META,
         });
     }
-    for (k, v) in &spec.meta {
+    for (k, v) in spec.meta.iter() {
         if k.is_empty() {
             return Err(ValidationError::Missing { field: "Meta key" });
         }
