@@ -14,6 +14,10 @@
 //!   that started after they were inserted.
 //! - `purge` records `last_purged` before deleting entries, so a crash in
 //!   between leaves extra entries, never a gap that the pointer hides.
+//! - Appends, truncation and purge write key by key, never in a sled batch
+//!   (each batch makes sled 0.34 write its buffer out twice, waiting for the
+//!   disk each time). Order keeps the log contiguous through a crash:
+//!   appends and purges go oldest first, truncation newest first.
 //!
 //! Concurrency: openraft drives one `LogStore` from its core task and clones
 //! `LogReader`s for replication; sled trees are internally synchronized.
@@ -22,16 +26,29 @@
 //! completes them in order. The core keeps replicating while the leader's
 //! own disk syncs, and one fsync serves every append that arrived meanwhile.
 //! The thread ends when the last `LogStore` handle is dropped.
+//!
+//! Tail cache: the newest entries (up to `TAIL_BYTES` of encoded size) are
+//! also kept in memory, shared with the readers. Right after an append,
+//! openraft reads the entries back to replicate and to apply them; serving
+//! those reads from memory saves a JSON decode per read and, above all,
+//! keeps sled from reading pages back from disk: sled's cache is split in
+//! 256 shards, so a page larger than 1/256 of it (a leaf of batched
+//! entries) is evicted at once, and every read of such a page first forces
+//! sled's write buffer out with its own write and sync. Invariant: the
+//! tail holds consecutive indexes ending at the last appended entry (or is
+//! empty), and agrees with the `log` tree: appends go to sled first, then
+//! the tail; truncation and purge trim the tail first, then sled.
 // openraft's storage traits fix `StorageError` as the error type; helpers
 // return it unboxed so `?` composes with the trait methods.
 #![allow(clippy::result_large_err)]
 
+use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::fs::File;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogId, RaftLogReader};
@@ -47,6 +64,109 @@ const LAST_PURGED: &[u8] = b"last_purged";
 /// Appends waiting for the flusher; bounds the queue between the core and
 /// the disk.
 const FLUSH_QUEUE: usize = 1024;
+
+/// Encoded size of the newest entries kept in memory (see the module doc).
+const TAIL_BYTES: usize = 1024 * 1024;
+
+/// The newest entries, oldest first, with their encoded sizes.
+#[derive(Default)]
+struct Tail {
+    entries: VecDeque<(Entry, usize)>,
+    bytes: usize,
+}
+
+impl Tail {
+    fn first_index(&self) -> Option<u64> {
+        self.entries.front().map(|(e, _)| e.get_log_id().index)
+    }
+
+    fn last_index(&self) -> Option<u64> {
+        self.entries.back().map(|(e, _)| e.get_log_id().index)
+    }
+
+    fn push(&mut self, entry: Entry, size: usize) {
+        let index = entry.get_log_id().index;
+        if self.last_index().is_some_and(|last| last + 1 != index) {
+            // Not contiguous (cannot happen after a proper truncate): start over.
+            self.clear();
+        }
+        self.bytes += size;
+        self.entries.push_back((entry, size));
+        while self.bytes > TAIL_BYTES && self.entries.len() > 1 {
+            self.pop_front();
+        }
+    }
+
+    fn pop_front(&mut self) {
+        if let Some((_, size)) = self.entries.pop_front() {
+            self.bytes -= size;
+        }
+    }
+
+    fn clear(&mut self) {
+        self.entries.clear();
+        self.bytes = 0;
+    }
+
+    /// Drops entries at `index` and after.
+    fn truncate_from(&mut self, index: u64) {
+        while self.last_index().is_some_and(|last| last >= index) {
+            if let Some((_, size)) = self.entries.pop_back() {
+                self.bytes -= size;
+            }
+        }
+    }
+
+    /// Drops entries up to and including `index`.
+    fn purge_upto(&mut self, index: u64) {
+        while self.first_index().is_some_and(|first| first <= index) {
+            self.pop_front();
+        }
+    }
+
+    /// The entries of `[start, end)`, if the tail holds every one of them.
+    /// Unbounded ranges go to sled, which may briefly hold newer entries
+    /// than the tail (appends reach sled first).
+    fn get(&self, start: u64, end: Option<u64>) -> Option<Vec<Entry>> {
+        let end = end?;
+        if start >= end {
+            return Some(Vec::new());
+        }
+        let (first, last) = (self.first_index()?, self.last_index()?);
+        if start < first || end > last + 1 {
+            return None;
+        }
+        let from = usize::try_from(start - first).ok()?;
+        let to = usize::try_from(end - first).ok()?;
+        Some(
+            self.entries
+                .range(from..to)
+                .map(|(e, _)| e.clone())
+                .collect(),
+        )
+    }
+}
+
+type SharedTail = Arc<Mutex<Tail>>;
+
+fn lock(tail: &SharedTail) -> std::sync::MutexGuard<'_, Tail> {
+    tail.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// `[start, end)` of a range of indexes; `end` None means unbounded.
+fn index_bounds<RB: RangeBounds<u64>>(range: &RB) -> (u64, Option<u64>) {
+    let start = match range.start_bound() {
+        Bound::Included(i) => *i,
+        Bound::Excluded(i) => i.saturating_add(1),
+        Bound::Unbounded => 0,
+    };
+    let end = match range.end_bound() {
+        Bound::Included(i) => Some(i.saturating_add(1)),
+        Bound::Excluded(i) => Some(*i),
+        Bound::Unbounded => None,
+    };
+    (start, end)
+}
 
 /// Makes sled's writes durable: flush, then fdatasync the database file.
 #[derive(Clone)]
@@ -107,12 +227,14 @@ pub struct LogStore {
     flusher: tokio::sync::mpsc::Sender<LogFlushed<TypeConfig>>,
     /// Mirror of the last committed index openraft told us, for status pages.
     committed: Arc<AtomicU64>,
+    tail: SharedTail,
 }
 
 /// A read-only view of the log handed to replication tasks.
 #[derive(Clone)]
 pub struct LogReader {
     log: sled::Tree,
+    tail: SharedTail,
 }
 
 fn key(index: u64) -> [u8; 8] {
@@ -133,8 +255,13 @@ fn decode_entry(v: &[u8]) -> Result<Entry, StorageError> {
 
 fn read_entries<RB: RangeBounds<u64>>(
     log: &sled::Tree,
+    tail: &SharedTail,
     range: RB,
 ) -> Result<Vec<Entry>, StorageError> {
+    let (start, end) = index_bounds(&range);
+    if let Some(hit) = lock(tail).get(start, end) {
+        return Ok(hit);
+    }
     let r = (map_bound(range.start_bound()), map_bound(range.end_bound()));
     log.range(r)
         .map(|kv| {
@@ -163,6 +290,7 @@ impl LogStore {
             syncer,
             flusher,
             committed,
+            tail: SharedTail::default(),
         };
         if let Ok(Some(c)) = store.read_meta::<LogId>(COMMITTED) {
             store.committed.store(c.index, Ordering::Relaxed);
@@ -224,7 +352,7 @@ impl RaftLogReader<TypeConfig> for LogReader {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, StorageError> {
-        read_entries(&self.log, range)
+        read_entries(&self.log, &self.tail, range)
     }
 }
 
@@ -233,7 +361,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, StorageError> {
-        read_entries(&self.log, range)
+        read_entries(&self.log, &self.tail, range)
     }
 }
 
@@ -259,6 +387,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn get_log_reader(&mut self) -> LogReader {
         LogReader {
             log: self.log.clone(),
+            tail: self.tail.clone(),
         }
     }
 
@@ -293,15 +422,27 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut batch = sled::Batch::default();
+        // Plain inserts, in index order, not a sled batch: sled 0.34 writes
+        // out its IO buffer twice for every batch (around the batch
+        // manifest), each time waiting for the disk. Entries need no
+        // atomicity: a crash keeps a prefix of them (sled persists in log
+        // order), and none of them was acknowledged before the sync.
+        let mut appended = Vec::new();
         for entry in entries {
             let bytes =
                 serde_json::to_vec(&entry).map_err(|e| StorageIOError::write_logs(any_err(&e)))?;
-            batch.insert(&key(entry.get_log_id().index), bytes);
+            let size = bytes.len();
+            self.log
+                .insert(key(entry.get_log_id().index), bytes)
+                .map_err(|e| StorageIOError::write_logs(any_err(&e)))?;
+            appended.push((entry, size));
         }
-        self.log
-            .apply_batch(batch)
-            .map_err(|e| StorageIOError::write_logs(any_err(&e)))?;
+        {
+            let mut tail = lock(&self.tail);
+            for (entry, size) in appended {
+                tail.push(entry, size);
+            }
+        }
         // Durability is reported by the flusher thread once it has synced.
         self.flusher
             .send(callback)
@@ -311,25 +452,100 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        let mut batch = sled::Batch::default();
-        for k in self.log.range(key(log_id.index)..).keys() {
-            batch.remove(k.map_err(|e| StorageIOError::write_logs(any_err(&e)))?);
+        lock(&self.tail).truncate_from(log_id.index);
+        // Newest first, so a crash part-way leaves the log contiguous.
+        for k in self.log.range(key(log_id.index)..).keys().rev() {
+            let k = k.map_err(|e| StorageIOError::write_logs(any_err(&e)))?;
+            self.log
+                .remove(k)
+                .map_err(|e| StorageIOError::write_logs(any_err(&e)))?;
         }
-        self.log
-            .apply_batch(batch)
-            .map_err(|e| StorageIOError::write_logs(any_err(&e)))?;
         self.sync_now(StorageIOError::write_logs).await
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         self.write_meta(LAST_PURGED, &log_id, StorageIOError::write_logs)?;
-        let mut batch = sled::Batch::default();
+        lock(&self.tail).purge_upto(log_id.index);
+        // Oldest first, so a crash part-way leaves the log contiguous.
         for k in self.log.range(..=key(log_id.index)).keys() {
-            batch.remove(k.map_err(|e| StorageIOError::write_logs(any_err(&e)))?);
+            let k = k.map_err(|e| StorageIOError::write_logs(any_err(&e)))?;
+            self.log
+                .remove(k)
+                .map_err(|e| StorageIOError::write_logs(any_err(&e)))?;
         }
-        self.log
-            .apply_batch(batch)
-            .map_err(|e| StorageIOError::write_logs(any_err(&e)))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    fn entry(index: u64) -> Entry {
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Blank,
+        }
+    }
+
+    fn indexes(v: &[Entry]) -> Vec<u64> {
+        v.iter().map(|e| e.get_log_id().index).collect()
+    }
+
+    #[test]
+    fn tail_serves_only_ranges_it_holds_whole() {
+        let mut t = Tail::default();
+        for i in 5..=9 {
+            t.push(entry(i), 10);
+        }
+        assert_eq!(
+            t.get(5, Some(10)).map(|v| indexes(&v)),
+            Some(vec![5, 6, 7, 8, 9])
+        );
+        assert_eq!(t.get(7, Some(9)).map(|v| indexes(&v)), Some(vec![7, 8]));
+        assert_eq!(t.get(9, Some(9)).map(|v| indexes(&v)), Some(vec![]));
+        assert!(t.get(4, Some(8)).is_none(), "starts before the tail");
+        assert!(t.get(8, Some(11)).is_none(), "ends past the tail");
+        assert!(t.get(6, None).is_none(), "unbounded goes to sled");
+    }
+
+    #[test]
+    fn tail_evicts_oldest_by_size_and_keeps_the_newest() {
+        let mut t = Tail::default();
+        let big = TAIL_BYTES / 2 + 1;
+        t.push(entry(1), big);
+        t.push(entry(2), big);
+        assert_eq!(t.first_index(), Some(2));
+        assert_eq!(t.bytes, big);
+        // A single entry over the cap is still kept: it is the newest.
+        t.push(entry(3), TAIL_BYTES * 2);
+        assert_eq!((t.first_index(), t.last_index()), (Some(3), Some(3)));
+    }
+
+    #[test]
+    fn tail_truncate_purge_and_gaps() {
+        let mut t = Tail::default();
+        for i in 1..=6 {
+            t.push(entry(i), 1);
+        }
+        t.truncate_from(5);
+        assert_eq!(
+            (t.first_index(), t.last_index(), t.bytes),
+            (Some(1), Some(4), 4)
+        );
+        t.purge_upto(2);
+        assert_eq!(
+            (t.first_index(), t.last_index(), t.bytes),
+            (Some(3), Some(4), 2)
+        );
+        t.push(entry(5), 1);
+        assert_eq!(t.last_index(), Some(5));
+        // A gap means the tail no longer mirrors the log's end: it restarts.
+        t.push(entry(9), 1);
+        assert_eq!(
+            (t.first_index(), t.last_index(), t.bytes),
+            (Some(9), Some(9), 1)
+        );
     }
 }
