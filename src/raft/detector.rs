@@ -12,7 +12,9 @@
 //! lease *plus* its own election timeout before it campaigns, and campaigns
 //! without asking anyone first, so a restarted or briefly cut-off node
 //! raises the term and unseats a healthy leader. Here:
-//! - the leader sends a heartbeat every `heartbeat`;
+//! - the leader sends a heartbeat every `heartbeat`, plus a disk-free
+//!   "alive" ping (`Alive`) that keeps followers from campaigning while a
+//!   slow disk delays AppendEntries;
 //! - a voter that has heard from no leader for a random time in
 //!   `[election_min, election_max)` first asks the other voters (pre-vote)
 //!   whether they miss the leader too and whether its log is at least as
@@ -211,21 +213,79 @@ impl Loop {
     }
 }
 
+/// The peer addresses of the other voters, and how many voters there are.
+fn other_voters(node: &RaftNode) -> (Vec<String>, usize) {
+    let m = node.raft().metrics();
+    let m = m.borrow();
+    let membership = m.membership_config.membership();
+    let voters: Vec<NodeId> = membership.voter_ids().collect();
+    let peers: Vec<String> = voters
+        .iter()
+        .filter(|v| **v != node.id())
+        .filter_map(|v| membership.get_node(v).map(|n| n.peer_addr.clone()))
+        .collect();
+    (peers, voters.len())
+}
+
+/// "The leader of `term` is alive": sent by the leader to every other voter
+/// each heartbeat, beside openraft's heartbeat.
+///
+/// Why: openraft sends one AppendEntries at a time per follower, so when
+/// the shared disk stalls and a follower's append outlives the RPC timeout,
+/// its next contact comes a timeout plus a heartbeat later; two followers
+/// stalled together then saw the leader as silent and elected a new one
+/// every minute or so under sustained load. This ping needs no disk. It
+/// only feeds the pre-vote (a voter that hears it refuses pre-votes), never
+/// Raft's own safety: openraft's lease and votes are untouched.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Alive {
+    pub leader: NodeId,
+    pub term: u64,
+}
+
+/// Records a leader's ping if it is from this node's current term or later.
+pub fn answer_alive(raft: &Raft, clock: &Clock, ping: &Alive) {
+    if ping.term >= raft.metrics().borrow().current_term {
+        clock.contact();
+    }
+}
+
+/// A leader whose quorum has not acknowledged it for this long stops
+/// pinging, so a leader whose Raft core is stuck does not hold off an
+/// election for ever.
+const PING_QUORUM_BOUND: Duration = Duration::from_secs(2);
+
+/// Pings every other voter (fire and forget, each bounded by a heartbeat).
+fn ping_followers(node: &RaftNode, timing: &ElectionTiming) {
+    let (term, acked_ms) = {
+        let m = node.raft().metrics();
+        let m = m.borrow();
+        (m.current_term, m.millis_since_quorum_ack)
+    };
+    let fresh = acked_ms.is_some_and(|ms| u128::from(ms) < PING_QUORUM_BOUND.as_millis());
+    if !fresh {
+        return;
+    }
+    let ping = Alive {
+        leader: node.id(),
+        term,
+    };
+    let timeout = timing.heartbeat;
+    for addr in other_voters(node).0 {
+        let client = node.client().clone();
+        let ping = ping.clone();
+        tokio::spawn(async move {
+            let _ = client
+                .call::<_, bool>(&addr, super::PATH_ALIVE, &ping, timeout)
+                .await;
+        });
+    }
+}
+
 /// Asks the other voters for a pre-vote; true with a majority (self
 /// included).
 async fn pre_vote(node: &RaftNode, timing: &ElectionTiming) -> bool {
-    let (peers, voters) = {
-        let m = node.raft().metrics();
-        let m = m.borrow();
-        let membership = m.membership_config.membership();
-        let voters: Vec<NodeId> = membership.voter_ids().collect();
-        let peers: Vec<String> = voters
-            .iter()
-            .filter(|v| **v != node.id())
-            .filter_map(|v| membership.get_node(v).map(|n| n.peer_addr.clone()))
-            .collect();
-        (peers, voters.len())
-    };
+    let (peers, voters) = other_voters(node);
     let needed = voters / 2 + 1;
     if needed <= 1 {
         return true;
@@ -276,6 +336,7 @@ pub async fn run(node: std::sync::Arc<RaftNode>, timing: ElectionTiming, stop: C
         match state.step(&node, &timing) {
             Step::Nothing => {}
             Step::Heartbeat => {
+                ping_followers(&node, &timing);
                 if node.raft().trigger().heartbeat().await.is_err() {
                     return;
                 }

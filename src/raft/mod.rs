@@ -148,6 +148,7 @@ pub(crate) const PATH_READ_INDEX: &str = "/internal/read-index";
 pub(crate) const PATH_MEMBERSHIP: &str = "/internal/membership";
 pub(crate) const PATH_MEMBERS: &str = "/internal/members";
 pub(crate) const PATH_PRE_VOTE: &str = "/internal/pre-vote";
+pub(crate) const PATH_ALIVE: &str = "/internal/alive";
 
 /// Slack added to forwarded calls so the leader's own timeout fires first
 /// and its more precise answer comes back.
@@ -291,6 +292,11 @@ impl RaftNode {
 
     pub(crate) fn clock(&self) -> &detector::Clock {
         &self.clock
+    }
+
+    /// A leader's "alive" ping.
+    pub(crate) fn alive_local(&self, ping: &detector::Alive) {
+        detector::answer_alive(&self.raft, &self.clock, ping)
     }
 
     /// This node's answer to a candidate's pre-vote.

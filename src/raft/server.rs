@@ -13,14 +13,14 @@ use axum::routing::post;
 use axum::{Json, Router};
 use tracing::Instrument;
 
-use super::detector::PreVote;
+use super::detector::{Alive, PreVote};
 use super::types::{
     AppendRequest, AppendResponse, InstallSnapshotError, RaftError, SnapshotRequest,
     SnapshotResponse, VoteRequest, VoteResponse,
 };
 use super::{
-    ClusterError, Member, MembershipOp, RaftNode, Written, PATH_MEMBERS, PATH_MEMBERSHIP,
-    PATH_PRE_VOTE, PATH_READ_INDEX, PATH_WRITE,
+    ClusterError, Member, MembershipOp, RaftNode, Written, PATH_ALIVE, PATH_MEMBERS,
+    PATH_MEMBERSHIP, PATH_PRE_VOTE, PATH_READ_INDEX, PATH_WRITE,
 };
 use crate::registry::Command;
 
@@ -67,6 +67,12 @@ async fn vote(
         n.clock().defer();
     }
     Json(res)
+}
+
+async fn alive(State(n): Node, Json(ping): Json<Alive>) -> Json<bool> {
+    let span = tracing::trace_span!("raft_alive", leader = ping.leader, term = ping.term);
+    span.in_scope(|| n.alive_local(&ping));
+    Json(true)
 }
 
 async fn pre_vote(State(n): Node, Json(req): Json<PreVote>) -> Json<bool> {
@@ -122,6 +128,7 @@ pub fn router(node: Arc<RaftNode>) -> Router {
         .route(PATH_MEMBERSHIP, post(membership))
         .route(PATH_MEMBERS, post(members))
         .route(PATH_PRE_VOTE, post(pre_vote))
+        .route(PATH_ALIVE, post(alive))
         .layer(DefaultBodyLimit::max(MAX_PEER_BODY))
         .with_state(node)
 }
