@@ -21,7 +21,10 @@
 //!   up to date as theirs; it campaigns only with a majority, itself
 //!   included;
 //! - granting a pre-vote or a vote restarts this node's own wait, so the
-//!   first node to ask usually wins without a split vote.
+//!   first node to ask usually wins without a split vote;
+//! - a node whose own timer loop ran late (starved or frozen: its silence
+//!   is its own, not the leader's) restarts its wait and refuses pre-votes
+//!   for a lease.
 //!
 //! Invariants:
 //! - The leader lease openraft enforces on voters (`lease`) is shorter
@@ -101,6 +104,8 @@ struct ClockState {
     contact: Option<Instant>,
     /// Last grant of a (pre-)vote or own campaign: the wait restarts here.
     deferred: Option<Instant>,
+    /// When this node last found itself frozen (see `Clock::stalled`).
+    stall: Option<Instant>,
 }
 
 impl Clock {
@@ -110,6 +115,7 @@ impl Clock {
             inner: Mutex::new(ClockState {
                 contact: None,
                 deferred: None,
+                stall: None,
             }),
         }
     }
@@ -130,6 +136,23 @@ impl Clock {
     /// This node granted a vote or pre-vote, or campaigned: restart its wait.
     pub fn defer(&self) {
         self.update(|s| s.deferred = Some(Instant::now()));
+    }
+
+    /// This node's own timer loop ran late (the process was starved or
+    /// frozen): its silence says nothing about the leader, whose messages may
+    /// still sit unread in the sockets. Restart the wait and, for a lease,
+    /// refuse pre-votes.
+    pub fn stalled(&self) {
+        let now = Instant::now();
+        self.update(|s| {
+            s.deferred = Some(now);
+            s.stall = Some(now);
+        });
+    }
+
+    /// Time since this node last stalled (None: never).
+    fn since_stall(&self) -> Option<Duration> {
+        self.state().stall.map(|t| t.elapsed())
     }
 
     /// Time since a leader was last heard from (since start if never).
@@ -168,7 +191,11 @@ pub struct PreVote {
 pub fn answer_pre_vote(raft: &Raft, clock: &Clock, timing: &ElectionTiming, req: &PreVote) -> bool {
     let leads = raft.metrics().borrow().state == ServerState::Leader;
     let own_last = raft.data_metrics().borrow().last_log;
-    let granted = !leads && clock.since_contact() >= timing.lease() && req.last_log >= own_last;
+    let stalled_lately = clock.since_stall().is_some_and(|d| d < timing.lease());
+    let granted = !leads
+        && !stalled_lately
+        && clock.since_contact() >= timing.lease()
+        && req.last_log >= own_last;
     if granted {
         clock.defer();
     }
@@ -328,11 +355,21 @@ pub async fn run(node: std::sync::Arc<RaftNode>, timing: ElectionTiming, stop: C
     };
     let mut tick = tokio::time::interval(POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_tick = Instant::now();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
+        let now = Instant::now();
+        if now.duration_since(last_tick) > POLL + timing.heartbeat {
+            tracing::debug!(
+                late_ms = now.duration_since(last_tick).as_millis() as u64,
+                "timer loop ran late"
+            );
+            node.clock().stalled();
+        }
+        last_tick = now;
         match state.step(&node, &timing) {
             Step::Nothing => {}
             Step::Heartbeat => {
@@ -399,6 +436,19 @@ mod tests {
             let w = t.random_wait();
             assert!(w >= t.election_min && w < t.election_max, "{w:?}");
         }
+    }
+
+    #[test]
+    fn a_stall_restarts_the_wait_and_is_remembered() {
+        let clock = Clock::new();
+        assert!(clock.since_stall().is_none());
+        clock.contact();
+        clock.stalled();
+        let s = clock.state();
+        let stall = s.stall.expect("stall recorded");
+        assert_eq!(s.deferred, Some(stall), "the wait restarts at the stall");
+        assert_eq!(clock.quiet_since(), stall);
+        assert!(clock.since_stall().is_some());
     }
 
     #[test]

@@ -66,7 +66,7 @@ const LAST_PURGED: &[u8] = b"last_purged";
 const FLUSH_QUEUE: usize = 1024;
 
 /// Encoded size of the newest entries kept in memory (see the module doc).
-const TAIL_BYTES: usize = 1024 * 1024;
+const TAIL_BYTES: usize = 256 * 1024;
 
 /// The newest entries, oldest first, with their encoded sizes.
 #[derive(Default)]
