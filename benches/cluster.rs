@@ -2055,6 +2055,37 @@ struct ElectionSeen {
     committed: Option<Duration>,
 }
 
+impl ElectionSeen {
+    /// The progress line of one failover round: `system` killed `killed` (the leader at
+    /// `old_term`) and first got a 200 through `via`.
+    #[allow(clippy::too_many_arguments)]
+    fn report(
+        &self,
+        system: &str,
+        round: usize,
+        kills: usize,
+        killed: &str,
+        old_term: u64,
+        via: &str,
+        first_200: Duration,
+        tries: u64,
+        steal: Option<f64>,
+    ) {
+        progress!(
+            "{system} failover {}/{kills}: killed {killed} (term {old_term}), first 200 via {via} \
+             after {} ms ({tries} tries); election seen starting at {} ms, won at {} ms, +{} \
+             terms, first commit at {} ms; steal {} %",
+            round + 1,
+            ms(first_200),
+            self.started.map_or("-".into(), ms),
+            self.elected.map_or("-".into(), ms),
+            self.terms.map_or("-".into(), |t| t.to_string()),
+            self.committed.map_or("-".into(), ms),
+            pct0(steal),
+        );
+    }
+}
+
 /// A survivor's view during a failover.
 struct SurvivorState {
     term: u64,
@@ -2154,18 +2185,16 @@ async fn rm_failover(c: &mut RmCluster, knobs: &Knobs) -> Result<FailoverRow> {
         );
         let steal = steal_pct(ticks0, (Instant::now(), machine_ticks()));
         match &outcome {
-            Ok(d) => progress!(
-                "raftmesh failover {}/{}: killed node{leader} (term {old_term}), first 200 via \
-                 node{survivor} after {} ms ({tries} tries); election seen starting at {} ms, \
-                 won at {} ms, +{} terms, first commit at {} ms; steal {} %",
-                round + 1,
+            Ok(d) => seen.report(
+                "raftmesh",
+                round,
                 knobs.kills,
-                ms(*d),
-                seen.started.map_or("-".into(), ms),
-                seen.elected.map_or("-".into(), ms),
-                seen.terms.map_or("-".into(), |t| t.to_string()),
-                seen.committed.map_or("-".into(), ms),
-                pct0(steal),
+                &format!("node{leader}"),
+                old_term,
+                &format!("node{survivor}"),
+                *d,
+                tries,
+                steal,
             ),
             Err(e) => progress!("raftmesh failover round {round}: {e}"),
         }
@@ -2309,20 +2338,16 @@ async fn etcd_failover(c: &mut EtcdCluster, knobs: &Knobs) -> Result<FailoverRow
         );
         let steal = steal_pct(ticks0, (Instant::now(), machine_ticks()));
         match &outcome {
-            Ok(d) => progress!(
-                "etcd failover {}/{}: killed {} (term {old_term}), first 200 via {} after {} ms \
-                 ({tries} tries); election seen starting at {} ms, won at {} ms, +{} terms, \
-                 first commit at {} ms; steal {} %",
-                round + 1,
+            Ok(d) => seen.report(
+                "etcd",
+                round,
                 knobs.kills,
-                c.nodes[leader].name,
-                c.nodes[survivor].name,
-                ms(*d),
-                seen.started.map_or("-".into(), ms),
-                seen.elected.map_or("-".into(), ms),
-                seen.terms.map_or("-".into(), |t| t.to_string()),
-                seen.committed.map_or("-".into(), ms),
-                pct0(steal),
+                &c.nodes[leader].name,
+                old_term,
+                &c.nodes[survivor].name,
+                *d,
+                tries,
+                steal,
             ),
             Err(e) => progress!("etcd failover round {round}: {e}"),
         }

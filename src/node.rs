@@ -158,10 +158,11 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
         api_addr: api_addr.to_string(),
         peer_addr: peer_addr.to_string(),
     };
+    let election = election_timing(&cfg);
     let timing = Timing {
         write_timeout: cfg.write_timeout,
         leader_wait: cfg.leader_wait,
-        election: election_timing(&cfg),
+        election,
     };
     let node = Arc::new(RaftNode::new(
         cfg.id,
@@ -195,11 +196,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
 
     // Heartbeats and elections: the detector owns them from here on.
     let detector_stop = CancellationToken::new();
-    let detector_task = tokio::spawn(detector::run(
-        node.clone(),
-        election_timing(&cfg),
-        detector_stop.clone(),
-    ));
+    let detector_task = tokio::spawn(detector::run(node.clone(), election, detector_stop.clone()));
 
     let ready = Ready {
         id: cfg.id,

@@ -254,6 +254,26 @@ fn other_voters(node: &RaftNode) -> (Vec<String>, usize) {
     (peers, voters.len())
 }
 
+/// Sends `body` to every other voter's `path`, each call in its own task
+/// bounded by `timeout`.
+fn call_other_voters<Req>(
+    node: &RaftNode,
+    path: &'static str,
+    body: &Req,
+    timeout: Duration,
+) -> tokio::task::JoinSet<Result<bool, super::network::PeerCallError>>
+where
+    Req: Serialize + Clone + Send + Sync + 'static,
+{
+    let mut calls = tokio::task::JoinSet::new();
+    for addr in other_voters(node).0 {
+        let client = node.client().clone();
+        let body = body.clone();
+        calls.spawn(async move { client.call::<_, bool>(&addr, path, &body, timeout).await });
+    }
+    calls
+}
+
 /// "The leader of `term` is alive": sent by the leader to every other voter
 /// each heartbeat, beside openraft's heartbeat.
 ///
@@ -297,23 +317,13 @@ fn ping_followers(node: &RaftNode, timing: &ElectionTiming) {
         leader: node.id(),
         term,
     };
-    let timeout = timing.heartbeat;
-    for addr in other_voters(node).0 {
-        let client = node.client().clone();
-        let ping = ping.clone();
-        tokio::spawn(async move {
-            let _ = client
-                .call::<_, bool>(&addr, super::PATH_ALIVE, &ping, timeout)
-                .await;
-        });
-    }
+    call_other_voters(node, super::PATH_ALIVE, &ping, timing.heartbeat).detach_all();
 }
 
 /// Asks the other voters for a pre-vote; true with a majority (self
 /// included).
 async fn pre_vote(node: &RaftNode, timing: &ElectionTiming) -> bool {
-    let (peers, voters) = other_voters(node);
-    let needed = voters / 2 + 1;
+    let needed = other_voters(node).1 / 2 + 1;
     if needed <= 1 {
         return true;
     }
@@ -324,16 +334,7 @@ async fn pre_vote(node: &RaftNode, timing: &ElectionTiming) -> bool {
     // An answer later than a heartbeat is as good as none: the real
     // campaign would not get it in time either.
     let timeout = timing.heartbeat.max(Duration::from_millis(20));
-    let mut asks = tokio::task::JoinSet::new();
-    for addr in peers {
-        let client = node.client().clone();
-        let req = req.clone();
-        asks.spawn(async move {
-            client
-                .call::<_, bool>(&addr, super::PATH_PRE_VOTE, &req, timeout)
-                .await
-        });
-    }
+    let mut asks = call_other_voters(node, super::PATH_PRE_VOTE, &req, timeout);
     let mut granted = 1;
     while let Some(answer) = asks.join_next().await {
         if matches!(answer, Ok(Ok(true))) {
@@ -355,21 +356,19 @@ pub async fn run(node: std::sync::Arc<RaftNode>, timing: ElectionTiming, stop: C
     };
     let mut tick = tokio::time::interval(POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_tick = Instant::now();
     loop {
+        // Only the wait for the next tick counts as lateness, not this
+        // loop's own calls (a pre-vote may wait a heartbeat for a dead peer).
+        let waiting_since = Instant::now();
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let now = Instant::now();
-        if now.duration_since(last_tick) > POLL + timing.heartbeat {
-            tracing::debug!(
-                late_ms = now.duration_since(last_tick).as_millis() as u64,
-                "timer loop ran late"
-            );
+        let waited = waiting_since.elapsed();
+        if waited > POLL + timing.heartbeat {
+            tracing::debug!(late_ms = waited.as_millis() as u64, "timer loop ran late");
             node.clock().stalled();
         }
-        last_tick = now;
         match state.step(&node, &timing) {
             Step::Nothing => {}
             Step::Heartbeat => {

@@ -199,34 +199,24 @@ pub(crate) async fn forward_call<Req: Serialize, T: serde::de::DeserializeOwned>
     reply
 }
 
-/// Hands `cmd` to openraft's core and returns the wait for its commit.
-///
-/// Submission is ordered: commands submitted one after another are
-/// appended to the log in that order, whether or not the caller waits for
-/// the first commit before submitting the next. The returned future maps
-/// openraft's answers to ours and gives up after `timeout`.
-pub(crate) async fn submit_write(
+/// One `client_write` with openraft's errors mapped to ours.
+pub(crate) async fn client_write(
     raft: &Raft,
     cmd: Command,
     timeout: Duration,
-) -> Result<impl std::future::Future<Output = Result<Written, ClusterError>>, ClusterError> {
-    let rx = match tokio::time::timeout(timeout, raft.client_write_ff(cmd)).await {
-        Err(_) => return Err(outcome_unknown(timeout)),
-        Ok(Err(e)) => return Err(stopped(e)),
-        Ok(Ok(rx)) => rx,
-    };
-    Ok(async move {
-        match tokio::time::timeout(timeout, rx).await {
-            Err(_) => Err(outcome_unknown(timeout)),
-            Ok(Err(closed)) => Err(stopped(closed)),
-            Ok(Ok(Ok(resp))) => Ok(Written {
-                response: resp.data,
-                index: resp.log_id.index,
-            }),
-            Ok(Ok(Err(ClientWriteError::ForwardToLeader(_)))) => Err(ClusterError::NotLeader),
-            Ok(Ok(Err(e))) => Err(ClusterError::Internal(e.to_string())),
+) -> Result<Written, ClusterError> {
+    match tokio::time::timeout(timeout, raft.client_write(cmd)).await {
+        Err(_) => Err(outcome_unknown(timeout)),
+        Ok(Ok(resp)) => Ok(Written {
+            response: resp.data,
+            index: resp.log_id.index,
+        }),
+        Ok(Err(OpenRaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => {
+            Err(ClusterError::NotLeader)
         }
-    })
+        Ok(Err(OpenRaftError::APIError(e))) => Err(ClusterError::Internal(e.to_string())),
+        Ok(Err(OpenRaftError::Fatal(e))) => Err(stopped(e)),
+    }
 }
 
 impl RaftNode {

@@ -11,10 +11,7 @@
 //! each member and `RaftNode::write` retries within its deadline.
 //!
 //! Invariants:
-//! - At most `IN_FLIGHT` batches are unanswered at a time. On the leader
-//!   they enter the log in queue order; forwarded batches may overtake each
-//!   other, which only reorders writes that were concurrent anyway (a
-//!   caller's next write starts after its previous answer).
+//! - One batch is in flight at a time, so batches commit in queue order.
 //! - Every caller gets exactly one answer (or sees its channel closed when
 //!   the node shuts down).
 //! - `Route::LocalOnly` proposals (writes a follower forwarded to us) are
@@ -24,26 +21,19 @@
 //!   nested responses, so every caller still gets its own response.
 //! - The queue is bounded; callers wait for room instead of growing memory.
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot};
 
 use super::network::PeerClient;
 use super::types::{NodeId, Raft};
-use super::{forward_call, leader_of, submit_write, ClusterError, Written, PATH_WRITE};
+use super::{client_write, forward_call, leader_of, ClusterError, Written, PATH_WRITE};
 use crate::registry::{Command, Response};
 
 /// Most commands in one Raft entry or forwarded call.
 pub const MAX_BATCH: usize = 256;
 /// Most queued proposals.
 const QUEUE: usize = 4096;
-/// Batches submitted (leader) or forwarded (follower) and not yet answered.
-/// Measured under 64 concurrent writers: two in flight halve the batches and
-/// cost more CPU per write than the overlap saves, because each batch pays
-/// a log sync and a replication round on every node. One it is; the slot
-/// machinery stays so the trade-off can be re-measured.
-const IN_FLIGHT: usize = 1;
 
 /// Where a proposal may be committed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -137,32 +127,20 @@ fn distribute(proposals: Vec<Proposal>, result: Result<Written, ClusterError>) {
 }
 
 async fn run(ctx: Context, mut rx: mpsc::Receiver<Proposal>) {
-    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
     let mut batch: Vec<Proposal> = Vec::with_capacity(MAX_BATCH);
-    loop {
-        // Take a slot before draining the queue: whatever arrives while all
-        // slots are busy travels in the next batch.
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        if rx.recv_many(&mut batch, MAX_BATCH).await == 0 {
-            return;
-        }
+    // One batch at a time: whatever arrives while it commits travels in the
+    // next one. (Measured under 64 concurrent writers: two batches in flight
+    // halved the batches and cost more CPU per write than the overlap saved,
+    // because each batch pays a log sync and a replication round on every
+    // node.)
+    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let mut proposals = std::mem::take(&mut batch);
         tracing::debug!(commands = proposals.len(), "proposing batch");
         match leader_of(&ctx.raft) {
             Some((leader, _)) if leader == ctx.id => {
-                // Submitted here, in queue order; the commit is awaited off
-                // this loop so the next batch can follow it into the log.
-                match submit_write(&ctx.raft, combine(&proposals), ctx.write_timeout).await {
-                    Err(e) => distribute(proposals, Err(e)),
-                    Ok(commit) => {
-                        tokio::spawn(async move {
-                            distribute(proposals, commit.await);
-                            drop(slot);
-                        });
-                    }
-                }
+                let cmd = combine(&proposals);
+                let result = client_write(&ctx.raft, cmd, ctx.write_timeout).await;
+                distribute(proposals, result);
             }
             leader => {
                 // Forwarded writes must not hop again.
@@ -173,19 +151,21 @@ async fn run(ctx: Context, mut rx: mpsc::Receiver<Proposal>) {
                 if forwardable.is_empty() {
                     continue;
                 }
-                let Some((_, Some(node))) = leader else {
-                    distribute(forwardable, Err(ClusterError::NoLeader));
-                    continue;
+                let result = match leader {
+                    Some((_, Some(node))) => {
+                        let cmd = combine(&forwardable);
+                        forward_call(
+                            &ctx.client,
+                            &node.peer_addr,
+                            PATH_WRITE,
+                            &cmd,
+                            ctx.write_timeout,
+                        )
+                        .await
+                    }
+                    _ => Err(ClusterError::NoLeader),
                 };
-                let client = ctx.client.clone();
-                let timeout = ctx.write_timeout;
-                tokio::spawn(async move {
-                    let cmd = combine(&forwardable);
-                    let result =
-                        forward_call(&client, &node.peer_addr, PATH_WRITE, &cmd, timeout).await;
-                    distribute(forwardable, result);
-                    drop(slot);
-                });
+                distribute(forwardable, result);
             }
         }
     }
