@@ -76,6 +76,12 @@ pub struct AgentArgs {
     /// out with its own sync; too large a cache is resident memory.
     #[arg(long, default_value_t = 4)]
     pub cache_mb: u64,
+    /// The leader declares a member failed when it has not heard from it
+    /// for this long (then its HTTP/TCP checks move to live nodes and its
+    /// check-less instances turn critical). Several election timeouts, so a
+    /// leader change alone never fails a node.
+    #[arg(long, default_value_t = 3000)]
+    pub node_fail_timeout_ms: u64,
 }
 
 /// Where the node keeps its data.
@@ -114,6 +120,7 @@ pub struct AgentConfig {
     pub write_timeout: Duration,
     pub leader_wait: Duration,
     pub cache_bytes: u64,
+    pub node_fail_timeout: Duration,
 }
 
 /// A flag combination that cannot work.
@@ -133,6 +140,8 @@ pub enum ConfigError {
     BadSnapshot,
     #[error("--write-timeout-ms and --leader-wait-ms must be at least 100")]
     BadTimeout,
+    #[error("--node-fail-timeout-ms ({0}) must be at least 4 x --election-max-ms and 500")]
+    BadNodeFailTimeout(u64),
     #[error("could not create a temporary data dir: {0}")]
     TempDir(std::io::Error),
 }
@@ -183,6 +192,9 @@ impl AgentArgs {
                 max,
             });
         }
+        if self.node_fail_timeout_ms < (4 * max).max(500) {
+            return Err(ConfigError::BadNodeFailTimeout(self.node_fail_timeout_ms));
+        }
         if self.snapshot_every == 0 {
             return Err(ConfigError::BadSnapshot);
         }
@@ -206,6 +218,7 @@ impl AgentArgs {
             write_timeout: Duration::from_millis(self.write_timeout_ms),
             leader_wait: Duration::from_millis(self.leader_wait_ms),
             cache_bytes: self.cache_mb.saturating_mul(1024 * 1024),
+            node_fail_timeout: Duration::from_millis(self.node_fail_timeout_ms),
         })
     }
 }

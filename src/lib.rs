@@ -2,15 +2,17 @@
 //! health, membership and KV — with a Consul-compatible HTTP API.
 //!
 //! The crate is a library with a thin binary (`main.rs`). Module map and
-//! dependency direction (`api → raft → registry`) follow DESIGN.md: the pure
+//! dependency direction (`api → {health, raft} → registry`) follow DESIGN.md: the pure
 //! state machine lives in `registry`, everything openraft-shaped in `raft`,
-//! the HTTP surface in `api`, and `node` wires them together.
+//! the HTTP surface in `api`, check timing and probing in `health`, and
+//! `node` wires them together.
 
 #![forbid(unsafe_code)]
 
 pub mod api;
 pub mod cli;
 pub mod config;
+pub mod health;
 pub mod node;
 pub mod raft;
 pub mod registry;

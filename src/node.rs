@@ -10,7 +10,8 @@
 //! the ready line → bootstrap, only if the data dir was empty.
 //!
 //! Shutdown (on the `shutdown` future, i.e. SIGTERM/SIGINT): stop accepting
-//! API requests and drain in-flight ones → stop bootstrap → shut Raft down
+//! API requests and drain in-flight ones → stop bootstrap → stop health
+//! (probes, leader sweep) → stop the detector → shut Raft down
 //! (no more proposals or replication) → stop the peer listener → flush sled.
 //! Each wait is bounded so a stuck connection cannot hold the exit.
 
@@ -174,6 +175,9 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
         timing,
     ));
 
+    let health = crate::health::Health::new(node.clone(), cfg.node_fail_timeout)
+        .context("building the health checker")?;
+
     let peer_stop = CancellationToken::new();
     let api_stop = CancellationToken::new();
     let peer_tasks = TaskTracker::new();
@@ -182,14 +186,14 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
     serve(
         &peer_tasks,
         peer_listener,
-        crate::raft::server::router(node.clone()),
+        crate::raft::server::router(node.clone()).merge(crate::health::peer_router(health.clone())),
         &peer_stop,
         "peer",
     );
     serve(
         &api_tasks,
         api_listener,
-        crate::api::router(node.clone()),
+        crate::api::router(health.clone()),
         &api_stop,
         "API",
     );
@@ -197,6 +201,9 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
     // Heartbeats and elections: the detector owns them from here on.
     let detector_stop = CancellationToken::new();
     let detector_task = tokio::spawn(detector::run(node.clone(), election, detector_stop.clone()));
+    // TTL leases, member liveness and this node's HTTP/TCP checks.
+    let health_stop = CancellationToken::new();
+    let health_task = tokio::spawn(health.clone().run(health_stop.clone()));
 
     let ready = Ready {
         id: cfg.id,
@@ -234,6 +241,14 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
     api_stop.cancel();
     drain(&api_tasks, "API server").await;
     drain(&bootstrap_tasks, "bootstrap").await;
+    health_stop.cancel();
+    if tokio::time::timeout(DRAIN_TIMEOUT, health_task)
+        .await
+        .is_err()
+    {
+        tracing::warn!("health tasks did not stop in time; continuing shutdown");
+    }
+    drop(health);
     detector_stop.cancel();
     let _ = detector_task.await;
     tracing::info!("shutting down: stopping raft");

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use serde_json::{Map, Value};
 
 use super::error::ApiError;
-use crate::registry::{CheckDef, Meta, ServiceSpec};
+use crate::registry::{parse_duration, CheckDef, HealthStatus, Meta, ServiceSpec};
 
 /// Decoded query parameters, in order; flags count by presence.
 #[derive(Debug, Default, Clone)]
@@ -174,15 +174,10 @@ pub fn check(v: &Value, default_id: String, service_name: &str) -> Result<CheckD
         .filter(|n| !n.is_empty())
         .unwrap_or_else(|| format!("Service '{service_name}' check"));
     let status = match f.string("Status")?.as_deref() {
-        None | Some("") => "critical".to_string(),
-        Some(s @ ("passing" | "warning" | "critical")) => s.to_string(),
-        Some(other) => {
-            return Err(ApiError::BadRequest(format!(
-                "Check.Status {other:?} must be passing, warning or critical"
-            )))
-        }
+        None | Some("") => HealthStatus::Critical,
+        Some(s) => status(s, "Check.Status")?,
     };
-    Ok(CheckDef {
+    let def = CheckDef {
         check_id,
         name,
         notes: f.string("Notes")?.unwrap_or_default(),
@@ -196,7 +191,86 @@ pub fn check(v: &Value, default_id: String, service_name: &str) -> Result<CheckD
         interval: duration_field(&f, "Interval")?,
         timeout: duration_field(&f, "Timeout")?,
         deregister_critical_service_after: duration_field(&f, "DeregisterCriticalServiceAfter")?,
+    };
+    check_kind(&def)?;
+    Ok(def)
+}
+
+/// A status word as Consul spells it.
+pub fn status(s: &str, field: &str) -> Result<HealthStatus, ApiError> {
+    HealthStatus::parse(s).ok_or_else(|| {
+        ApiError::BadRequest(format!(
+            "{field} {s:?} must be passing, warning or critical"
+        ))
     })
+}
+
+fn positive(field: &str, v: &Option<String>, min: std::time::Duration) -> Result<(), ApiError> {
+    if let Some(d) = v {
+        // Already parsed once by duration_field.
+        if parse_duration(d).is_ok_and(|d| d < min) {
+            return Err(ApiError::BadRequest(format!(
+                "Check.{field} {d:?} must be at least {min:?}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A check is exactly one of TTL, HTTP or TCP, and probes need an interval.
+fn check_kind(def: &CheckDef) -> Result<(), ApiError> {
+    let kinds = [def.ttl.is_some(), def.http.is_some(), def.tcp.is_some()];
+    match kinds.iter().filter(|k| **k).count() {
+        1 => {}
+        0 => {
+            return Err(ApiError::BadRequest(format!(
+                "check {:?} needs one of TTL, HTTP or TCP",
+                def.check_id
+            )))
+        }
+        _ => {
+            return Err(ApiError::BadRequest(format!(
+                "check {:?} may have only one of TTL, HTTP or TCP",
+                def.check_id
+            )))
+        }
+    }
+    if (def.http.is_some() || def.tcp.is_some()) && def.interval.is_none() {
+        return Err(ApiError::BadRequest(format!(
+            "check {:?}: Interval is required for HTTP and TCP checks",
+            def.check_id
+        )));
+    }
+    if let Some(url) = &def.http {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(ApiError::BadRequest(format!(
+                "Check.HTTP {url:?} must be an http:// or https:// URL"
+            )));
+        }
+    }
+    let ms = std::time::Duration::from_millis;
+    positive("TTL", &def.ttl, ms(1))?;
+    positive("Timeout", &def.timeout, ms(1))?;
+    positive(
+        "DeregisterCriticalServiceAfter",
+        &def.deregister_critical_service_after,
+        std::time::Duration::from_secs(1),
+    )?;
+    Ok(())
+}
+
+/// Decodes `PUT /v1/agent/check/register`'s body: the check and the
+/// instance it belongs to, if any.
+pub fn standalone_check(body: &[u8]) -> Result<(CheckDef, Option<String>), ApiError> {
+    let v = json(body)?;
+    let f = Fields::new("Check", &v)?;
+    let name = f
+        .string("Name")?
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| ApiError::BadRequest("Check.Name is required".into()))?;
+    let service_id = f.string("ServiceID")?.filter(|s| !s.is_empty());
+    let def = check(&v, name, "")?;
+    Ok((def, service_id))
 }
 
 /// Decodes `PUT /v1/agent/service/register`'s body.
@@ -258,7 +332,7 @@ mod tests {
         )
         .expect("decodes");
         assert_eq!(s.checks[0].check_id, "service:w");
-        assert_eq!(s.checks[0].status, "critical");
+        assert_eq!(s.checks[0].status, HealthStatus::Critical);
         assert_eq!(
             s.checks[0].deregister_critical_service_after.as_deref(),
             Some("1m")
@@ -284,6 +358,12 @@ mod tests {
             br#"[1]"#,
             br#"{"Name":"w","Tags":"a"}"#,
             br#"{"Name":"w","Check":{"TTL":"ten"}}"#,
+            br#"{"Name":"w","Check":{}}"#,
+            br#"{"Name":"w","Check":{"TTL":"5s","TCP":"127.0.0.1:1"}}"#,
+            br#"{"Name":"w","Check":{"HTTP":"http://127.0.0.1:1/"}}"#,
+            br#"{"Name":"w","Check":{"HTTP":"ftp://x","Interval":"1s"}}"#,
+            br#"{"Name":"w","Check":{"TTL":"5s","Status":"fine"}}"#,
+            br#"{"Name":"w","Check":{"TTL":"5s","DeregisterCriticalServiceAfter":"500ms"}}"#,
             br#"{"Name":"w","name":"v"}"#,
             b"{",
         ] {

@@ -2,8 +2,8 @@
 //!
 //! Owns the Consul JSON shapes (CamelCase fields, `X-Consul-*` headers) for
 //! the registry. Does not own state: reads go through `super::read`, writes
-//! through `RaftNode::write`. Check *evaluation* is the health subsystem's;
-//! here a check reports the status it was registered with.
+//! through `RaftNode::write`. Check shapes and the health endpoints other
+//! than `health/service` are in `super::health`.
 
 use std::sync::Arc;
 
@@ -15,9 +15,12 @@ use serde_json::{json, Value};
 
 use super::body::{self, Params};
 use super::error::ApiError;
+use super::health::{instance_checks, node_name};
 use super::{read, write_response};
 use crate::raft::RaftNode;
-use crate::registry::{validate_service, Command, NodeEntry, Registry, ServiceInstance};
+use crate::registry::{
+    validate_service, Command, HealthStatus, NodeEntry, Registry, ServiceInstance,
+};
 
 type Node = State<Arc<RaftNode>>;
 
@@ -42,11 +45,6 @@ fn node_json(n: &NodeEntry) -> Value {
         "TaggedAddresses": {"lan": addr, "wan": addr},
         "Meta": {"raftmesh-id": n.id.to_string()},
     })
-}
-
-fn node_name(reg: &Registry, id: u64) -> String {
-    reg.node(id)
-        .map_or_else(|| format!("node{id}"), |n| n.name.clone())
 }
 
 fn weights() -> Value {
@@ -92,29 +90,6 @@ fn catalog_entry(reg: &Registry, s: &ServiceInstance) -> Value {
         "ModifyIndex": s.modify_index,
         "Namespace": "default",
     })
-}
-
-/// The checks reported for an instance: the node-level `serfHealth` and the
-/// instance's own checks with their current status.
-fn checks_of(reg: &Registry, s: &ServiceInstance) -> Vec<Value> {
-    let node = node_name(reg, s.node);
-    let member = reg.node(s.node).is_some();
-    let mut out = vec![json!({
-        "Node": node, "CheckID": "serfHealth", "Name": "Serf Health Status",
-        "Status": if member { "passing" } else { "critical" },
-        "Notes": "", "Output": if member { "Agent alive and reachable" } else { "Node is not a cluster member" },
-        "ServiceID": "", "ServiceName": "", "ServiceTags": [], "Type": "", "Namespace": "default",
-    })];
-    out.extend(s.spec.checks.iter().map(|c| {
-        json!({
-            "Node": node, "CheckID": c.check_id, "Name": c.name, "Status": c.status,
-            "Notes": c.notes, "Output": "", "ServiceID": s.spec.id, "ServiceName": s.spec.name,
-            "ServiceTags": s.spec.tags,
-            "Type": if c.ttl.is_some() { "ttl" } else if c.http.is_some() { "http" } else if c.tcp.is_some() { "tcp" } else { "" },
-            "Namespace": "default",
-        })
-    }));
-    out
 }
 
 pub async fn register(
@@ -199,10 +174,10 @@ pub async fn health_service(
         reg.instances_of(&name)
             .filter(|s| tag.as_ref().is_none_or(|t| s.spec.tags.contains(t)))
             .filter_map(|s| {
-                let checks = checks_of(reg, s);
-                if passing_only && checks.iter().any(|c| c["Status"] != "passing") {
+                if passing_only && reg.instance_status(s) != HealthStatus::Passing {
                     return None;
                 }
+                let checks = instance_checks(reg, s);
                 let node = reg.node(s.node).map_or_else(
                     || json!({"ID": node_uuid(s.node), "Node": node_name(reg, s.node), "Datacenter": DC}),
                     node_json,

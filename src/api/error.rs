@@ -8,6 +8,7 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
+use crate::health::BeatError;
 use crate::raft::ClusterError;
 use crate::registry::ValidationError;
 
@@ -28,6 +29,8 @@ pub enum ApiError {
     RequestTimeout,
     #[error(transparent)]
     Cluster(#[from] ClusterError),
+    #[error(transparent)]
+    Beat(#[from] BeatError),
 }
 
 impl ApiError {
@@ -43,6 +46,8 @@ impl ApiError {
             }
             ApiError::Overloaded => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
             ApiError::RequestTimeout => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
+            ApiError::Beat(BeatError::UnknownCheck(_)) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::Beat(BeatError::NotTtl(_)) => (StatusCode::BAD_REQUEST, "bad_request"),
             ApiError::Cluster(c) => match c {
                 C::NoLeader | C::NotLeader => (StatusCode::SERVICE_UNAVAILABLE, "no_leader"),
                 C::NoQuorum(_) => (StatusCode::SERVICE_UNAVAILABLE, "no_quorum"),

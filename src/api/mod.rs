@@ -14,12 +14,13 @@
 pub mod body;
 mod consul;
 pub mod error;
+mod health;
 mod native;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRef, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -29,6 +30,7 @@ use serde::Serialize;
 use tokio::sync::Semaphore;
 use tracing::Instrument;
 
+use crate::health::Health;
 use crate::raft::bootstrap::PATH_JOIN;
 use crate::raft::RaftNode;
 use crate::registry::Registry;
@@ -169,12 +171,47 @@ async fn not_found(req: Request) -> ApiError {
     ))
 }
 
-/// The client router over `node`.
-pub fn router(node: Arc<RaftNode>) -> Router {
+/// What handlers extract: most need only the Raft handle.
+#[derive(Clone)]
+struct AppState {
+    node: Arc<RaftNode>,
+    health: Arc<Health>,
+}
+
+impl FromRef<AppState> for Arc<RaftNode> {
+    fn from_ref(s: &AppState) -> Self {
+        s.node.clone()
+    }
+}
+
+impl FromRef<AppState> for Arc<Health> {
+    fn from_ref(s: &AppState) -> Self {
+        s.health.clone()
+    }
+}
+
+/// The client router over `health` (and the node it belongs to).
+pub fn router(health: Arc<Health>) -> Router {
+    let state = AppState {
+        node: health.node().clone(),
+        health,
+    };
     Router::new()
         .route("/v1/agent/service/register", put(consul::register))
         .route("/v1/agent/service/deregister/{id}", put(consul::deregister))
         .route("/v1/agent/services", get(consul::agent_services))
+        .route("/v1/agent/checks", get(health::agent_checks))
+        .route("/v1/agent/check/register", put(health::register_check))
+        .route(
+            "/v1/agent/check/deregister/{id}",
+            put(health::deregister_check),
+        )
+        .route("/v1/agent/check/update/{id}", put(health::ttl_update))
+        .route("/v1/agent/check/{verb}/{id}", put(health::ttl_beat))
+        .route("/v1/health/checks/{service}", get(health::service_checks))
+        .route("/v1/health/node/{node}", get(health::node_checks))
+        .route("/v1/health/state/{state}", get(health::state_checks))
+        .route("/v1/cluster/stats", get(health::cluster_stats))
         .route("/v1/catalog/services", get(consul::catalog_services))
         .route("/v1/catalog/service/{name}", get(consul::catalog_service))
         .route("/v1/catalog/nodes", get(consul::catalog_nodes))
@@ -202,5 +239,5 @@ pub fn router(node: Arc<RaftNode>) -> Router {
             },
             guard,
         ))
-        .with_state(node)
+        .with_state(state)
 }

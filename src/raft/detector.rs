@@ -34,7 +34,8 @@
 //!   campaigns at most once per random wait.
 //! - A node alone in its voter set campaigns at once (`--dev`, restarts).
 
-use std::sync::Mutex;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use openraft::ServerState;
@@ -177,6 +178,30 @@ impl Default for Clock {
     }
 }
 
+/// When this node, leading, last got an answer to its alive ping from each
+/// member: the leader's view of member liveness (`health` declares members
+/// failed from it). Shared with the ping tasks, hence the `Arc`.
+#[derive(Debug, Clone, Default)]
+pub struct Heard(Arc<Mutex<BTreeMap<NodeId, Instant>>>);
+
+impl Heard {
+    fn record(&self, id: NodeId) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, Instant::now());
+    }
+
+    /// The last answer from `id`, if any since this process started.
+    pub fn last(&self, id: NodeId) -> Option<Instant> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .copied()
+    }
+}
+
 /// A pre-vote question: would you vote for `candidate` if it campaigned now?
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PreVote {
@@ -302,7 +327,10 @@ pub fn answer_alive(raft: &Raft, clock: &Clock, ping: &Alive) {
 /// election for ever.
 const PING_QUORUM_BOUND: Duration = Duration::from_secs(2);
 
-/// Pings every other voter (fire and forget, each bounded by a heartbeat).
+/// How long the leader waits for a ping's answer before not counting it.
+const PING_ANSWER_WAIT: Duration = Duration::from_millis(500);
+
+/// Pings every other member (fire and forget, each call bounded).
 fn ping_followers(node: &RaftNode, timing: &ElectionTiming) {
     let (term, acked_ms) = {
         let m = node.raft().metrics();
@@ -317,7 +345,33 @@ fn ping_followers(node: &RaftNode, timing: &ElectionTiming) {
         leader: node.id(),
         term,
     };
-    call_other_voters(node, super::PATH_ALIVE, &ping, timing.heartbeat).detach_all();
+    // Every member, learners included: the answers feed `Heard`.
+    let members: Vec<(NodeId, String)> = {
+        let m = node.raft().metrics();
+        let m = m.borrow();
+        m.membership_config
+            .membership()
+            .nodes()
+            .filter(|(id, _)| **id != node.id())
+            .map(|(id, n)| (*id, n.peer_addr.clone()))
+            .collect()
+    };
+    for (id, addr) in members {
+        let client = node.client().clone();
+        let heard = node.heard().clone();
+        let ping = ping.clone();
+        // Longer than a heartbeat: a late answer still proves the member
+        // alive (the ping's other effect, on the follower, is on arrival).
+        let timeout = timing.heartbeat.max(PING_ANSWER_WAIT);
+        tokio::spawn(async move {
+            let answer = client
+                .call::<_, bool>(&addr, super::PATH_ALIVE, &ping, timeout)
+                .await;
+            if answer.is_ok() {
+                heard.record(id);
+            }
+        });
+    }
 }
 
 /// Asks the other voters for a pre-vote; true with a majority (self

@@ -136,6 +136,8 @@ pub struct RaftNode {
     committed: Arc<AtomicU64>,
     /// When a leader was last heard from: LastContact, pre-votes, elections.
     clock: detector::Clock,
+    /// While leading: when each member last answered (node liveness).
+    heard: detector::Heard,
     timing: Timing,
     discovery: Discovery,
     /// Batches this node's proposals while it leads.
@@ -245,6 +247,7 @@ impl RaftNode {
             client,
             committed,
             clock: detector::Clock::new(),
+            heard: detector::Heard::default(),
             timing,
             discovery,
             proposer,
@@ -282,6 +285,22 @@ impl RaftNode {
 
     pub(crate) fn clock(&self) -> &detector::Clock {
         &self.clock
+    }
+
+    /// When each member last answered this node's alive ping (leader only).
+    pub fn heard(&self) -> &detector::Heard {
+        &self.heard
+    }
+
+    /// The current term and whether this node leads in it.
+    pub fn leadership(&self) -> (u64, bool) {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        (m.current_term, m.current_leader == Some(self.id))
+    }
+
+    pub fn timing(&self) -> &Timing {
+        &self.timing
     }
 
     /// A leader's "alive" ping.
@@ -377,7 +396,7 @@ impl RaftNode {
     /// Runs `local` if this node leads, else sends `req` to the leader's
     /// `path`; retries while there is no (reachable) leader, up to the
     /// leader wait.
-    async fn on_leader<Req, T, Fut>(
+    pub(crate) async fn on_leader<Req, T, Fut>(
         &self,
         path: &str,
         req: &Req,

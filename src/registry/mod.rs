@@ -1,7 +1,9 @@
-//! The replicated state machine's pure core: nodes, service instances, the
-//! commands that change them and the queries that read them.
+//! The replicated state machine's pure core: nodes, service instances,
+//! checks, the commands that change them and the queries that read them
+//! (the health rules are in `health`).
 //!
-//! Owns: `Registry` (the applied state), `Command` (what is proposed to Raft),
+//! Owns: `Registry` (the applied state: nodes, instances, checks and which
+//! nodes the leader declared failed), `Command` (what is proposed to Raft),
 //! `Response` (what applying a command answered), `StateKey` (the unit of
 //! persistence) and the validation of user-supplied service definitions.
 //!
@@ -16,18 +18,22 @@
 //! - Business outcomes (not found, updated vs created) are `Response`
 //!   values, never errors: every replica computes the same one.
 //! - `last_index` only grows; it is the index of the last applied entry.
+//! - Time never enters: TTLs, failure timeouts and DCSA are timed by the
+//!   leader's `health` subsystem, which proposes only their outcomes.
 
 mod duration;
+mod health;
 mod meta;
 mod validate;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
 pub use duration::{parse_duration, DurationError};
+pub use health::{Check, CheckKind, CheckUpdate, HealthStatus, NodeCheck, NODE_CHECK_ID};
 pub use meta::Meta;
-pub use validate::{validate_service, ValidationError};
+pub use validate::{validate_check, validate_service, ValidationError};
 
 /// Raft node ids are plain integers chosen by the operator (`--id`).
 pub type NodeId = u64;
@@ -42,15 +48,30 @@ pub struct NodeEntry {
     pub voter: bool,
 }
 
-/// A check definition as given at registration. Stored verbatim so the
-/// health subsystem can evaluate it; the registry does not interpret it.
+#[cfg(test)]
+impl NodeEntry {
+    /// A member named `node<id>` without addresses, for tests.
+    pub fn test(id: NodeId) -> Self {
+        NodeEntry {
+            id,
+            name: format!("node{id}"),
+            api_addr: String::new(),
+            peer_addr: String::new(),
+            voter: true,
+        }
+    }
+}
+
+/// A check definition as given at registration. The registry keeps it with
+/// the check's state; the health subsystem interprets it (runs it, times
+/// its TTL).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CheckDef {
     pub check_id: String,
     pub name: String,
     pub notes: String,
     /// Initial status; Consul's rule is critical unless stated.
-    pub status: String,
+    pub status: HealthStatus,
     pub ttl: Option<String>,
     pub http: Option<String>,
     pub method: Option<String>,
@@ -71,6 +92,9 @@ pub struct ServiceSpec {
     pub address: String,
     pub port: u16,
     pub meta: Meta,
+    /// The service's checks as registered. In a stored instance this is
+    /// empty: `apply` moves them into the registry's check table.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub checks: Vec<CheckDef>,
 }
 
@@ -94,8 +118,23 @@ pub enum Command {
         via_node: NodeId,
         service: ServiceSpec,
     },
-    /// Remove an instance; a missing id is a no-op.
+    /// Remove an instance and its checks; a missing id is a no-op.
     DeregisterService { id: String },
+    /// Create or replace a check, owned (run) by `via_node`; bound to the
+    /// instance `service_id` if given (which must exist), else a node check.
+    RegisterCheck {
+        via_node: NodeId,
+        service_id: Option<String>,
+        check: CheckDef,
+    },
+    /// Remove a check; a missing id is a no-op.
+    DeregisterCheck { id: String },
+    /// Status changes decided by the leader (TTL) or a check's owner
+    /// (HTTP/TCP); see `CheckUpdate`.
+    UpdateChecks { updates: Vec<CheckUpdate> },
+    /// The leader's verdict on a member's liveness. Marking a node failed
+    /// moves the HTTP/TCP checks it ran to live members.
+    SetNodeHealth { node: NodeId, failed: bool },
     /// Several commands committed as one entry (group commit), applied in
     /// order. Only the proposer builds batches, from single commands.
     Batch(Vec<Command>),
@@ -115,6 +154,22 @@ pub enum Response {
         id: String,
         existed: bool,
     },
+    CheckRegistered {
+        id: String,
+        created: bool,
+    },
+    CheckDeregistered {
+        id: String,
+        existed: bool,
+    },
+    /// `RegisterCheck` named an instance that does not exist.
+    UnknownService {
+        id: String,
+    },
+    /// How many checks or nodes an update actually changed.
+    Updated {
+        changed: usize,
+    },
     /// One response per command of a `Command::Batch`, in order.
     Batch(Vec<Response>),
 }
@@ -124,10 +179,15 @@ pub enum Response {
 pub enum StateKey {
     Node(NodeId),
     Service(String),
+    Check(String),
+    /// Present while the leader holds the node failed.
+    NodeFailed(NodeId),
 }
 
 const NODE_PREFIX: &str = "node/";
 const SERVICE_PREFIX: &str = "svc/";
+const CHECK_PREFIX: &str = "chk/";
+const FAILED_PREFIX: &str = "nfail/";
 
 impl StateKey {
     /// The storage key: a readable prefix plus the id.
@@ -135,6 +195,8 @@ impl StateKey {
         match self {
             StateKey::Node(id) => format!("{NODE_PREFIX}{id:020}").into_bytes(),
             StateKey::Service(id) => format!("{SERVICE_PREFIX}{id}").into_bytes(),
+            StateKey::Check(id) => format!("{CHECK_PREFIX}{id}").into_bytes(),
+            StateKey::NodeFailed(id) => format!("{FAILED_PREFIX}{id:020}").into_bytes(),
         }
     }
 }
@@ -153,10 +215,45 @@ pub enum DecodeError {
 
 /// The applied registry state.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "RegistryData")]
 pub struct Registry {
     nodes: BTreeMap<NodeId, NodeEntry>,
     services: BTreeMap<String, ServiceInstance>,
+    checks: BTreeMap<String, Check>,
+    /// Members the leader declared failed (and not yet alive again).
+    failed: BTreeSet<NodeId>,
     last_index: u64,
+    /// Derived from `checks`: instance id → its check ids. Rebuilt on load
+    /// and snapshot install, never persisted.
+    #[serde(skip_serializing)]
+    by_service: BTreeMap<String, BTreeSet<String>>,
+}
+
+/// `Registry` as persisted in snapshots, without derived indexes.
+#[derive(Deserialize)]
+struct RegistryData {
+    nodes: BTreeMap<NodeId, NodeEntry>,
+    services: BTreeMap<String, ServiceInstance>,
+    #[serde(default)]
+    checks: BTreeMap<String, Check>,
+    #[serde(default)]
+    failed: BTreeSet<NodeId>,
+    last_index: u64,
+}
+
+impl From<RegistryData> for Registry {
+    fn from(d: RegistryData) -> Self {
+        let mut reg = Registry {
+            nodes: d.nodes,
+            services: d.services,
+            checks: d.checks,
+            failed: d.failed,
+            last_index: d.last_index,
+            by_service: BTreeMap::new(),
+        };
+        reg.rebuild_index();
+        reg
+    }
 }
 
 impl Registry {
@@ -187,19 +284,23 @@ impl Registry {
                     .map(|s| s.create_index)
                     .unwrap_or(index);
                 let created = create_index == index;
+                let mut spec = service.clone();
+                let defs = std::mem::take(&mut spec.checks);
                 let instance = ServiceInstance {
-                    spec: service.clone(),
+                    spec,
                     node: *via_node,
                     create_index,
                     modify_index: index,
                 };
                 self.services.insert(service.id.clone(), instance);
+                let mut touched = vec![StateKey::Service(service.id.clone())];
+                touched.extend(self.replace_service_checks(index, *via_node, &service.id, defs));
                 (
                     Response::Registered {
                         id: service.id.clone(),
                         created,
                     },
-                    vec![StateKey::Service(service.id.clone())],
+                    touched,
                 )
             }
             Command::Batch(cmds) => {
@@ -216,11 +317,12 @@ impl Registry {
             }
             Command::DeregisterService { id } => {
                 let existed = self.services.remove(id).is_some();
-                let touched = if existed {
+                let mut touched = if existed {
                     vec![StateKey::Service(id.clone())]
                 } else {
                     Vec::new()
                 };
+                touched.extend(self.replace_service_checks(index, 0, id, Vec::new()));
                 (
                     Response::Deregistered {
                         id: id.clone(),
@@ -229,6 +331,28 @@ impl Registry {
                     touched,
                 )
             }
+            Command::RegisterCheck {
+                via_node,
+                service_id,
+                check,
+            } => self.register_check(index, *via_node, service_id.as_deref(), check.clone()),
+            Command::DeregisterCheck { id } => {
+                let existed = self.remove_check(id);
+                let touched = if existed {
+                    vec![StateKey::Check(id.clone())]
+                } else {
+                    Vec::new()
+                };
+                (
+                    Response::CheckDeregistered {
+                        id: id.clone(),
+                        existed,
+                    },
+                    touched,
+                )
+            }
+            Command::UpdateChecks { updates } => self.update_checks(index, updates),
+            Command::SetNodeHealth { node, failed } => self.set_node_health(index, *node, *failed),
         }
     }
 
@@ -240,6 +364,17 @@ impl Registry {
         let mut touched: Vec<StateKey> = self.nodes.keys().map(|id| StateKey::Node(*id)).collect();
         self.nodes = members.into_iter().map(|n| (n.id, n)).collect();
         touched.extend(self.nodes.keys().map(|id| StateKey::Node(*id)));
+        let gone: Vec<NodeId> = self
+            .failed
+            .iter()
+            .filter(|id| !self.nodes.contains_key(id))
+            .copied()
+            .collect();
+        for id in gone {
+            self.failed.remove(&id);
+            touched.push(StateKey::NodeFailed(id));
+        }
+        touched.extend(self.reassign_orphans(index));
         touched.sort();
         touched.dedup();
         touched
@@ -258,6 +393,11 @@ impl Registry {
                 .services
                 .get(id)
                 .map(|s| serde_json::to_vec(s).expect("ServiceInstance serializes")),
+            StateKey::Check(id) => self
+                .checks
+                .get(id)
+                .map(|c| serde_json::to_vec(c).expect("Check serializes")),
+            StateKey::NodeFailed(id) => self.failed.contains(id).then(|| b"true".to_vec()),
         }
     }
 
@@ -282,10 +422,19 @@ impl Registry {
             } else if key.starts_with(SERVICE_PREFIX) {
                 let s: ServiceInstance = serde_json::from_slice(&v).map_err(corrupt)?;
                 reg.services.insert(s.spec.id.clone(), s);
+            } else if key.starts_with(CHECK_PREFIX) {
+                let c: Check = serde_json::from_slice(&v).map_err(corrupt)?;
+                reg.checks.insert(c.def.check_id.clone(), c);
+            } else if let Some(id) = key.strip_prefix(FAILED_PREFIX) {
+                let id = id
+                    .parse()
+                    .map_err(|_| DecodeError::UnknownKey(key.clone()))?;
+                reg.failed.insert(id);
             } else {
                 return Err(DecodeError::UnknownKey(key));
             }
         }
+        reg.rebuild_index();
         Ok(reg)
     }
 
@@ -295,7 +444,9 @@ impl Registry {
             .nodes
             .keys()
             .map(|id| StateKey::Node(*id))
-            .chain(self.services.keys().map(|id| StateKey::Service(id.clone())));
+            .chain(self.services.keys().map(|id| StateKey::Service(id.clone())))
+            .chain(self.checks.keys().map(|id| StateKey::Check(id.clone())))
+            .chain(self.failed.iter().map(|id| StateKey::NodeFailed(*id)));
         keys.filter_map(|k| self.encode_value(&k).map(|v| (k, v)))
             .collect()
     }
@@ -455,13 +606,7 @@ mod tests {
     #[test]
     fn set_members_reports_removed_and_added_nodes() {
         let mut reg = Registry::new();
-        let node = |id| NodeEntry {
-            id,
-            name: format!("node{id}"),
-            api_addr: String::new(),
-            peer_addr: String::new(),
-            voter: true,
-        };
+        let node = NodeEntry::test;
         reg.set_members(1, vec![node(1), node(2)]);
         let touched = reg.set_members(2, vec![node(2), node(3)]);
         assert_eq!(

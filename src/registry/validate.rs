@@ -5,7 +5,7 @@
 //! Invariant: a spec that passes here can be stored and served back as JSON
 //! and used as a storage key suffix without escaping.
 
-use super::ServiceSpec;
+use super::{CheckDef, ServiceSpec};
 
 pub const MAX_NAME_LEN: usize = 256;
 pub const MAX_TAGS: usize = 64;
@@ -15,6 +15,7 @@ pub const MAX_META_KEY_LEN: usize = 128;
 pub const MAX_META_VALUE_LEN: usize = 512;
 pub const MAX_ADDRESS_LEN: usize = 256;
 pub const MAX_CHECKS: usize = 32;
+pub const MAX_CHECK_BODY: usize = 4096;
 
 /// Why a definition was refused; the message is shown to the client.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -121,8 +122,27 @@ pub fn validate_service(spec: &ServiceSpec) -> Result<(), ValidationError> {
         });
     }
     for c in &spec.checks {
-        check_text("CheckID", &c.check_id, MAX_NAME_LEN)?;
-        check_text("Check Name", &c.name, MAX_NAME_LEN)?;
+        validate_check(c)?;
+    }
+    Ok(())
+}
+
+/// Checks a check definition's identity and free-text fields.
+pub fn validate_check(c: &CheckDef) -> Result<(), ValidationError> {
+    if c.check_id.is_empty() {
+        return Err(ValidationError::Missing { field: "CheckID" });
+    }
+    check_text("CheckID", &c.check_id, MAX_NAME_LEN)?;
+    check_text("Check Name", &c.name, MAX_NAME_LEN)?;
+    check_text("Check Notes", &c.notes, MAX_META_VALUE_LEN)?;
+    for url in [&c.http, &c.tcp].into_iter().flatten() {
+        check_text("Check target", url, MAX_ADDRESS_LEN * 4)?;
+    }
+    if c.body.as_ref().is_some_and(|b| b.len() > MAX_CHECK_BODY) {
+        return Err(ValidationError::TooLong {
+            field: "Check Body",
+            max: MAX_CHECK_BODY,
+        });
     }
     Ok(())
 }
