@@ -12,7 +12,11 @@ pub struct DurationError {
     reason: &'static str,
 }
 
-/// Parses a non-negative Go duration.
+/// Longest accepted duration, in seconds (about 31 years).
+const MAX_SECS: u128 = 1_000_000_000;
+
+/// Parses a non-negative Go duration. Integer arithmetic only: the health
+/// sweep reads every check's TTL several times a second.
 pub fn parse_duration(input: &str) -> Result<Duration, DurationError> {
     let err = |reason| DurationError {
         input: input.chars().take(64).collect(),
@@ -25,36 +29,59 @@ pub fn parse_duration(input: &str) -> Result<Duration, DurationError> {
     if s == "0" {
         return Ok(Duration::ZERO);
     }
-    let mut total = 0f64;
+    let mut total_ns: u128 = 0;
     let mut rest = s;
     while !rest.is_empty() {
         let num_len = rest
             .find(|c: char| !(c.is_ascii_digit() || c == '.'))
             .ok_or_else(|| err("missing unit"))?;
-        if num_len == 0 {
-            return Err(err("expected a number"));
+        let (int, frac) = match rest[..num_len].split_once('.') {
+            Some((i, f)) => (i, f),
+            None => (&rest[..num_len], ""),
+        };
+        if (int.is_empty() && frac.is_empty()) || frac.contains('.') {
+            return Err(err("bad number"));
         }
-        let value: f64 = rest[..num_len].parse().map_err(|_| err("bad number"))?;
         rest = &rest[num_len..];
         let unit_len = rest
             .find(|c: char| c.is_ascii_digit() || c == '.')
             .unwrap_or(rest.len());
-        let scale = match &rest[..unit_len] {
-            "ns" => 1e-9,
-            "us" | "µs" => 1e-6,
-            "ms" => 1e-3,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
+        let unit_ns: u128 = match &rest[..unit_len] {
+            "ns" => 1,
+            "us" | "µs" => 1_000,
+            "ms" => 1_000_000,
+            "s" => 1_000_000_000,
+            "m" => 60_000_000_000,
+            "h" => 3_600_000_000_000,
             _ => return Err(err("unknown unit")),
         };
         rest = &rest[unit_len..];
-        total += value * scale;
+        // Digits beyond these cannot matter (or overflow) below MAX_SECS.
+        if int.len() > 20 {
+            return Err(err("too large"));
+        }
+        let whole: u128 = if int.is_empty() {
+            0
+        } else {
+            int.parse().map_err(|_| err("bad number"))?
+        };
+        let frac = &frac[..frac.len().min(18)];
+        let frac_ns = if frac.is_empty() {
+            0
+        } else {
+            let f: u128 = frac.parse().map_err(|_| err("bad number"))?;
+            f * unit_ns / 10u128.pow(frac.len() as u32)
+        };
+        total_ns = total_ns
+            .saturating_add(whole.saturating_mul(unit_ns))
+            .saturating_add(frac_ns);
+        if total_ns > MAX_SECS * 1_000_000_000 {
+            return Err(err("too large"));
+        }
     }
-    if !total.is_finite() || total > 1e9 {
-        return Err(err("too large"));
-    }
-    Ok(Duration::from_secs_f64(total))
+    let secs = u64::try_from(total_ns / 1_000_000_000).map_err(|_| err("too large"))?;
+    let nanos = u32::try_from(total_ns % 1_000_000_000).expect("below one second");
+    Ok(Duration::new(secs, nanos))
 }
 
 #[cfg(test)]
@@ -68,11 +95,28 @@ mod tests {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("1.5h"), Ok(Duration::from_secs(5400)));
         assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration(".5s"), Ok(Duration::from_millis(500)));
+        assert_eq!(
+            parse_duration("1h2m3.25s"),
+            Ok(Duration::from_millis(3_723_250))
+        );
+        assert_eq!(parse_duration("1500us"), Ok(Duration::from_micros(1500)));
     }
 
     #[test]
     fn refuses_garbage() {
-        for bad in ["", "10", "s", "ten", "5d", "-1s", "1e400s"] {
+        for bad in [
+            "",
+            "10",
+            "s",
+            "ten",
+            "5d",
+            "-1s",
+            "1e400s",
+            ".s",
+            "1.2.3s",
+            "99999999999999999999999h",
+        ] {
             assert!(parse_duration(bad).is_err(), "{bad:?} accepted");
         }
     }

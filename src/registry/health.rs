@@ -11,11 +11,13 @@
 //! (`UpdateChecks`, `SetNodeHealth`) as commands.
 //!
 //! Invariants (on top of the registry's determinism):
-//! - `by_service` lists exactly the checks whose `service_id` names an
-//!   instance; a check bound to an instance dies with it.
+//! - `by_service` holds `(service_id, check_id)` for exactly the checks
+//!   bound to an instance; a check bound to an instance dies with it.
 //! - An active (HTTP/TCP) check's owner is a live member whenever one
-//!   exists: every change of membership or liveness reassigns orphans, each
-//!   to the live member running the fewest active checks (ties: lowest id).
+//!   exists: every change of membership or liveness, and a check registered
+//!   through a node that is not live, reassigns orphans, each to the live
+//!   member running the fewest active checks (ties: lowest id). Nothing
+//!   else walks the whole table, so a registration costs O(log n).
 //! - An instance with checks of its own is as healthy as its worst check;
 //!   only an instance without any reports its node's `serfHealth`, because
 //!   the node an instance registered through says nothing about the
@@ -84,9 +86,10 @@ impl CheckDef {
         }
     }
 
-    /// HTTP and TCP checks are run by a node; the rest are not.
+    /// HTTP and TCP checks are run by a node; the rest are not. (Cheap:
+    /// no parsing, for scans over every check.)
     pub fn is_active(&self) -> bool {
-        matches!(self.kind(), CheckKind::Http | CheckKind::Tcp)
+        self.ttl.is_none() && (self.http.is_some() || self.tcp.is_some())
     }
 
     fn same_probe(&self, other: &CheckDef) -> bool {
@@ -132,27 +135,42 @@ pub const NODE_CHECK_ID: &str = "serfHealth";
 
 impl Registry {
     pub(super) fn rebuild_index(&mut self) {
-        self.by_service.clear();
-        for (id, c) in &self.checks {
-            if !c.service_id.is_empty() {
-                self.by_service
-                    .entry(c.service_id.clone())
-                    .or_default()
-                    .insert(id.clone());
-            }
-        }
+        self.by_service = self
+            .checks
+            .iter()
+            .filter(|(_, c)| !c.service_id.is_empty())
+            .map(|(id, c)| (c.service_id.clone(), id.clone()))
+            .collect();
+    }
+
+    /// Check ids of instance `service_id`, in id order.
+    fn check_ids_of<'a>(&'a self, service_id: &'a str) -> impl Iterator<Item = &'a String> {
+        self.by_service
+            .range((service_id.to_string(), String::new())..)
+            .take_while(move |(sid, _)| sid == service_id)
+            .map(|(_, id)| id)
+    }
+
+    fn is_live(&self, node: NodeId) -> bool {
+        self.nodes.contains_key(&node) && !self.failed.contains(&node)
     }
 
     /// Inserts `def` as a check of `service_id` ("" for a node check). A
     /// check re-registered with the same probe keeps its status, output and
     /// owner; otherwise it starts at its initial status, run by `via`.
-    fn put_check(&mut self, index: u64, via: NodeId, service_id: &str, def: CheckDef) -> bool {
+    /// Returns whether it is new, and the keys of checks moved to give it a
+    /// live owner (rare: only when `via` is not a live member).
+    fn put_check(
+        &mut self,
+        index: u64,
+        via: NodeId,
+        service_id: &str,
+        def: CheckDef,
+    ) -> (bool, Vec<StateKey>) {
         let id = def.check_id.clone();
-        let previous = self.checks.get(&id).cloned();
+        let previous = self.checks.remove(&id);
         if let Some(p) = &previous {
-            if p.service_id != service_id {
-                self.unindex(&id, &p.service_id.clone());
-            }
+            self.by_service.remove(&(p.service_id.clone(), id.clone()));
         }
         let kept = previous
             .as_ref()
@@ -167,29 +185,23 @@ impl Registry {
             modify_index: index,
             def,
         };
-        self.checks.insert(id.clone(), check);
+        let orphan = check.def.is_active() && !self.is_live(check.owner);
         if !service_id.is_empty() {
-            self.by_service
-                .entry(service_id.to_string())
-                .or_default()
-                .insert(id);
+            self.by_service.insert((service_id.to_string(), id.clone()));
         }
-        previous.is_none()
-    }
-
-    fn unindex(&mut self, check_id: &str, service_id: &str) {
-        if let Some(ids) = self.by_service.get_mut(service_id) {
-            ids.remove(check_id);
-            if ids.is_empty() {
-                self.by_service.remove(service_id);
-            }
-        }
+        self.checks.insert(id, check);
+        let moved = if orphan {
+            self.reassign_orphans(index)
+        } else {
+            Vec::new()
+        };
+        (previous.is_none(), moved)
     }
 
     pub(super) fn remove_check(&mut self, id: &str) -> bool {
         match self.checks.remove(id) {
             Some(c) => {
-                self.unindex(id, &c.service_id);
+                self.by_service.remove(&(c.service_id, id.to_string()));
                 true
             }
             None => false,
@@ -205,26 +217,21 @@ impl Registry {
         service_id: &str,
         defs: Vec<CheckDef>,
     ) -> Vec<StateKey> {
-        let old = self.by_service.remove(service_id).unwrap_or_default();
-        let new: BTreeSet<String> = defs.iter().map(|d| d.check_id.clone()).collect();
+        let new: BTreeSet<&str> = defs.iter().map(|d| d.check_id.as_str()).collect();
+        let gone: Vec<String> = self
+            .check_ids_of(service_id)
+            .filter(|id| !new.contains(id.as_str()))
+            .cloned()
+            .collect();
         let mut touched = Vec::new();
-        for id in old.difference(&new) {
-            if self.checks.remove(id).is_some() {
-                touched.push(StateKey::Check(id.clone()));
-            }
-        }
-        // Re-index the kept ones so put_check sees them as this service's.
-        if !old.is_empty() {
-            let kept: BTreeSet<String> = old.intersection(&new).cloned().collect();
-            if !kept.is_empty() {
-                self.by_service.insert(service_id.to_string(), kept);
-            }
+        for id in gone {
+            self.remove_check(&id);
+            touched.push(StateKey::Check(id));
         }
         for def in defs {
             touched.push(StateKey::Check(def.check_id.clone()));
-            self.put_check(index, via, service_id, def);
+            touched.extend(self.put_check(index, via, service_id, def).1);
         }
-        touched.extend(self.reassign_orphans(index));
         touched
     }
 
@@ -245,9 +252,9 @@ impl Registry {
             );
         }
         let id = def.check_id.clone();
-        let created = self.put_check(index, via, sid, def);
+        let (created, moved) = self.put_check(index, via, sid, def);
         let mut touched = vec![StateKey::Check(id.clone())];
-        touched.extend(self.reassign_orphans(index));
+        touched.extend(moved);
         (Response::CheckRegistered { id, created }, touched)
     }
 
@@ -354,11 +361,8 @@ impl Registry {
     }
 
     /// The checks of one instance, in id order.
-    pub fn checks_of<'a>(&'a self, service_id: &str) -> impl Iterator<Item = &'a Check> {
-        self.by_service
-            .get(service_id)
-            .into_iter()
-            .flatten()
+    pub fn checks_of<'a>(&'a self, service_id: &'a str) -> impl Iterator<Item = &'a Check> {
+        self.check_ids_of(service_id)
             .filter_map(|id| self.checks.get(id))
     }
 
@@ -387,7 +391,7 @@ impl Registry {
 
     /// Whether the instance's health comes from its node (it has no checks).
     pub fn uses_node_check(&self, s: &ServiceInstance) -> bool {
-        !self.by_service.contains_key(&s.spec.id)
+        self.check_ids_of(&s.spec.id).next().is_none()
     }
 
     /// The instance's aggregate health (see the module invariants).

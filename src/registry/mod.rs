@@ -223,10 +223,11 @@ pub struct Registry {
     /// Members the leader declared failed (and not yet alive again).
     failed: BTreeSet<NodeId>,
     last_index: u64,
-    /// Derived from `checks`: instance id → its check ids. Rebuilt on load
-    /// and snapshot install, never persisted.
+    /// Derived from `checks`: `(instance id, check id)` pairs. A set of
+    /// pairs, not a map of sets: a one-element B-tree costs a whole node.
+    /// Rebuilt on load and snapshot install, never persisted.
     #[serde(skip_serializing)]
-    by_service: BTreeMap<String, BTreeSet<String>>,
+    by_service: BTreeSet<(String, String)>,
 }
 
 /// `Registry` as persisted in snapshots, without derived indexes.
@@ -249,7 +250,7 @@ impl From<RegistryData> for Registry {
             checks: d.checks,
             failed: d.failed,
             last_index: d.last_index,
-            by_service: BTreeMap::new(),
+            by_service: BTreeSet::new(),
         };
         reg.rebuild_index();
         reg
