@@ -307,10 +307,10 @@ pub fn service(body: &[u8]) -> Result<ServiceSpec, ApiError> {
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(ServiceSpec {
-        id,
-        name,
-        tags: f.strings("Tags")?,
-        address: f.string("Address")?.unwrap_or_default(),
+        id: id.into(),
+        name: name.into(),
+        tags: f.strings("Tags")?.into_iter().map(Into::into).collect(),
+        address: f.string("Address")?.unwrap_or_default().into(),
         port: f.port("Port")?,
         meta: f.string_map("Meta")?,
         checks,

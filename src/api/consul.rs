@@ -122,7 +122,7 @@ pub async fn agent_services(
         let map: serde_json::Map<String, Value> = reg
             .services()
             .filter(|s| s.node == me)
-            .map(|s| (s.spec.id.clone(), agent_service(s)))
+            .map(|s| (s.spec.id.to_string(), agent_service(s)))
             .collect();
         Value::Object(map)
     })
@@ -148,7 +148,10 @@ pub async fn catalog_service(
     let tag = p.get("tag").map(str::to_owned);
     read(&node, &p, move |reg| {
         reg.instances_of(&name)
-            .filter(|s| tag.as_ref().is_none_or(|t| s.spec.tags.contains(t)))
+            .filter(|s| {
+                tag.as_ref()
+                    .is_none_or(|t| s.spec.tags.iter().any(|x| x == t))
+            })
             .map(|s| catalog_entry(reg, s))
             .collect::<Vec<_>>()
     })
@@ -172,7 +175,7 @@ pub async fn health_service(
     let tag = p.get("tag").map(str::to_owned);
     read(&node, &p, move |reg| {
         reg.instances_of(&name)
-            .filter(|s| tag.as_ref().is_none_or(|t| s.spec.tags.contains(t)))
+            .filter(|s| tag.as_ref().is_none_or(|t| s.spec.tags.iter().any(|x| x == t)))
             .filter_map(|s| {
                 if passing_only && reg.instance_status(s) != HealthStatus::Passing {
                     return None;

@@ -168,7 +168,7 @@ impl Registry {
         def: CheckDef,
     ) -> (bool, Vec<StateKey>) {
         let id = def.check_id.clone();
-        let previous = self.checks.remove(&id);
+        let previous = self.checks.remove(&id).map(|b| *b);
         if let Some(p) = &previous {
             self.by_service.remove(&(p.service_id.clone(), id.clone()));
         }
@@ -189,7 +189,7 @@ impl Registry {
         if !service_id.is_empty() {
             self.by_service.insert((service_id.to_string(), id.clone()));
         }
-        self.checks.insert(id, check);
+        self.checks.insert(id, Box::new(check));
         let moved = if orphan {
             self.reassign_orphans(index)
         } else {
@@ -353,17 +353,17 @@ impl Registry {
     }
 
     pub fn checks(&self) -> impl Iterator<Item = &Check> {
-        self.checks.values()
+        self.checks.values().map(|c| &**c)
     }
 
     pub fn check(&self, id: &str) -> Option<&Check> {
-        self.checks.get(id)
+        self.checks.get(id).map(|c| &**c)
     }
 
     /// The checks of one instance, in id order.
     pub fn checks_of<'a>(&'a self, service_id: &'a str) -> impl Iterator<Item = &'a Check> {
         self.check_ids_of(service_id)
-            .filter_map(|id| self.checks.get(id))
+            .filter_map(|id| self.check(id))
     }
 
     pub fn is_failed(&self, node: NodeId) -> bool {

@@ -15,9 +15,11 @@ use std::fmt;
 use serde::de::{MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use super::Str;
+
 /// Sorted, unique string pairs; serialized as a JSON object.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Meta(Vec<(String, String)>);
+pub struct Meta(Vec<(Str, Str)>);
 
 impl Meta {
     pub fn new() -> Self {
@@ -40,7 +42,8 @@ impl Meta {
     }
 
     /// Sets `key` to `value`, replacing an earlier value.
-    pub fn insert(&mut self, key: String, value: String) {
+    pub fn insert(&mut self, key: impl Into<Str>, value: impl Into<Str>) {
+        let (key, value) = (key.into(), value.into());
         match self.0.binary_search_by(|(k, _)| k.as_str().cmp(&key)) {
             Ok(i) => self.0[i].1 = value,
             Err(i) => self.0.insert(i, (key, value)),
@@ -53,13 +56,16 @@ impl Meta {
     }
 }
 
-impl FromIterator<(String, String)> for Meta {
+impl<K: Into<Str>, V: Into<Str>> FromIterator<(K, V)> for Meta {
     /// Later pairs win over earlier ones with the same key, as in a map.
-    fn from_iter<I: IntoIterator<Item = (String, String)>>(iter: I) -> Self {
-        let mut pairs: Vec<(String, String)> = iter.into_iter().collect();
+    fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
+        let mut pairs: Vec<(Str, Str)> = iter
+            .into_iter()
+            .map(|(k, v)| (k.into(), v.into()))
+            .collect();
         // Stable sort keeps input order among equal keys; keep the last.
         pairs.sort_by(|a, b| a.0.cmp(&b.0));
-        let mut out: Vec<(String, String)> = Vec::with_capacity(pairs.len());
+        let mut out: Vec<(Str, Str)> = Vec::with_capacity(pairs.len());
         for (k, v) in pairs {
             match out.last_mut() {
                 Some(last) if last.0 == k => last.1 = v,
@@ -87,7 +93,7 @@ impl<'de> Deserialize<'de> for Meta {
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Meta, A::Error> {
                 let mut pairs = Vec::with_capacity(map.size_hint().unwrap_or(0).min(64));
-                while let Some(pair) = map.next_entry::<String, String>()? {
+                while let Some(pair) = map.next_entry::<Str, Str>()? {
                     pairs.push(pair);
                 }
                 Ok(pairs.into_iter().collect())
@@ -121,9 +127,9 @@ mod tests {
     #[test]
     fn insert_keeps_order_and_replaces() {
         let mut m = Meta::new();
-        m.insert("z".into(), "1".into());
-        m.insert("a".into(), "2".into());
-        m.insert("z".into(), "3".into());
+        m.insert("z", "1");
+        m.insert("a", "2");
+        m.insert("z", "3");
         let keys: Vec<&str> = m.iter().map(|(k, _)| k).collect();
         assert_eq!(keys, ["a", "z"]);
         assert_eq!(m.get("z"), Some("3"));

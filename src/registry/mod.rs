@@ -35,6 +35,11 @@ pub use health::{Check, CheckKind, CheckUpdate, HealthStatus, NodeCheck, NODE_CH
 pub use meta::Meta;
 pub use validate::{validate_check, validate_service, ValidationError};
 
+/// The strings of service instances: ids, names, tags, addresses and
+/// metadata are mostly short, and a `CompactString` keeps up to 24 bytes
+/// inline, so an instance costs a handful of heap allocations fewer.
+pub type Str = compact_str::CompactString;
+
 /// Raft node ids are plain integers chosen by the operator (`--id`).
 pub type NodeId = u64;
 
@@ -86,10 +91,10 @@ pub struct CheckDef {
 /// What a client asks to register. Validated before it becomes a command.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceSpec {
-    pub id: String,
-    pub name: String,
-    pub tags: Vec<String>,
-    pub address: String,
+    pub id: Str,
+    pub name: Str,
+    pub tags: Vec<Str>,
+    pub address: Str,
     pub port: u16,
     pub meta: Meta,
     /// The service's checks as registered. In a stored instance this is
@@ -218,8 +223,10 @@ pub enum DecodeError {
 #[serde(from = "RegistryData")]
 pub struct Registry {
     nodes: BTreeMap<NodeId, NodeEntry>,
-    services: BTreeMap<String, ServiceInstance>,
-    checks: BTreeMap<String, Check>,
+    /// Boxed values: a B-tree leaf holds eleven slots, often half empty,
+    /// and an empty slot of a boxed map costs a pointer, not a whole value.
+    services: BTreeMap<Str, Box<ServiceInstance>>,
+    checks: BTreeMap<String, Box<Check>>,
     /// Members the leader declared failed (and not yet alive again).
     failed: BTreeSet<NodeId>,
     last_index: u64,
@@ -234,9 +241,9 @@ pub struct Registry {
 #[derive(Deserialize)]
 struct RegistryData {
     nodes: BTreeMap<NodeId, NodeEntry>,
-    services: BTreeMap<String, ServiceInstance>,
+    services: BTreeMap<Str, Box<ServiceInstance>>,
     #[serde(default)]
-    checks: BTreeMap<String, Check>,
+    checks: BTreeMap<String, Box<Check>>,
     #[serde(default)]
     failed: BTreeSet<NodeId>,
     last_index: u64,
@@ -293,12 +300,12 @@ impl Registry {
                     create_index,
                     modify_index: index,
                 };
-                self.services.insert(service.id.clone(), instance);
-                let mut touched = vec![StateKey::Service(service.id.clone())];
+                self.services.insert(service.id.clone(), Box::new(instance));
+                let mut touched = vec![StateKey::Service(service.id.to_string())];
                 touched.extend(self.replace_service_checks(index, *via_node, &service.id, defs));
                 (
                     Response::Registered {
-                        id: service.id.clone(),
+                        id: service.id.to_string(),
                         created,
                     },
                     touched,
@@ -317,7 +324,7 @@ impl Registry {
                 (Response::Batch(responses), touched)
             }
             Command::DeregisterService { id } => {
-                let existed = self.services.remove(id).is_some();
+                let existed = self.services.remove(id.as_str()).is_some();
                 let mut touched = if existed {
                     vec![StateKey::Service(id.clone())]
                 } else {
@@ -392,7 +399,7 @@ impl Registry {
                 .map(|n| serde_json::to_vec(n).expect("NodeEntry serializes")),
             StateKey::Service(id) => self
                 .services
-                .get(id)
+                .get(id.as_str())
                 .map(|s| serde_json::to_vec(s).expect("ServiceInstance serializes")),
             StateKey::Check(id) => self
                 .checks
@@ -422,10 +429,10 @@ impl Registry {
                 reg.nodes.insert(n.id, n);
             } else if key.starts_with(SERVICE_PREFIX) {
                 let s: ServiceInstance = serde_json::from_slice(&v).map_err(corrupt)?;
-                reg.services.insert(s.spec.id.clone(), s);
+                reg.services.insert(s.spec.id.clone(), Box::new(s));
             } else if key.starts_with(CHECK_PREFIX) {
                 let c: Check = serde_json::from_slice(&v).map_err(corrupt)?;
-                reg.checks.insert(c.def.check_id.clone(), c);
+                reg.checks.insert(c.def.check_id.clone(), Box::new(c));
             } else if let Some(id) = key.strip_prefix(FAILED_PREFIX) {
                 let id = id
                     .parse()
@@ -445,7 +452,11 @@ impl Registry {
             .nodes
             .keys()
             .map(|id| StateKey::Node(*id))
-            .chain(self.services.keys().map(|id| StateKey::Service(id.clone())))
+            .chain(
+                self.services
+                    .keys()
+                    .map(|id| StateKey::Service(id.to_string())),
+            )
             .chain(self.checks.keys().map(|id| StateKey::Check(id.clone())))
             .chain(self.failed.iter().map(|id| StateKey::NodeFailed(*id)));
         keys.filter_map(|k| self.encode_value(&k).map(|v| (k, v)))
@@ -461,24 +472,24 @@ impl Registry {
     }
 
     pub fn services(&self) -> impl Iterator<Item = &ServiceInstance> {
-        self.services.values()
+        self.services.values().map(|s| &**s)
     }
 
     pub fn service(&self, id: &str) -> Option<&ServiceInstance> {
-        self.services.get(id)
+        self.services.get(id).map(|s| &**s)
     }
 
     /// Instances of one service name, ordered by id.
     pub fn instances_of<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a ServiceInstance> {
-        self.services.values().filter(move |s| s.spec.name == name)
+        self.services().filter(move |s| s.spec.name == name)
     }
 
     /// Service name → union of its instances' tags (sorted, deduplicated).
     pub fn service_names(&self) -> BTreeMap<String, Vec<String>> {
         let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for s in self.services.values() {
-            let tags = out.entry(s.spec.name.clone()).or_default();
-            tags.extend(s.spec.tags.iter().cloned());
+            let tags = out.entry(s.spec.name.to_string()).or_default();
+            tags.extend(s.spec.tags.iter().map(|t| t.to_string()));
         }
         for tags in out.values_mut() {
             tags.sort();

@@ -179,7 +179,7 @@ mod tests {
         s.tags = vec!["a\nb".into()];
         assert!(validate_service(&s).is_err());
         let mut s = ok_spec();
-        s.meta.insert("bad key".into(), "v".into());
+        s.meta.insert("bad key", "v");
         assert!(validate_service(&s).is_err());
     }
 }
