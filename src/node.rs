@@ -201,6 +201,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
     // Heartbeats and elections: the detector owns them from here on.
     let detector_stop = CancellationToken::new();
     let detector_task = tokio::spawn(detector::run(node.clone(), election, detector_stop.clone()));
+    let pinger = detector::spawn_pinger(node.clone(), election, detector_stop.clone())
+        .context("starting the pinger thread")?;
     // TTL leases, member liveness and this node's HTTP/TCP checks.
     let health_stop = CancellationToken::new();
     let health_task = tokio::spawn(health.clone().run(health_stop.clone()));
@@ -251,6 +253,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
     drop(health);
     detector_stop.cancel();
     let _ = detector_task.await;
+    // The pinger sees the same token; it finishes its current tick at most.
+    let _ = tokio::task::spawn_blocking(move || pinger.join()).await;
     tracing::info!("shutting down: stopping raft");
     if let Err(e) = raft.shutdown().await {
         tracing::warn!(error = %e, "raft shutdown reported an error");

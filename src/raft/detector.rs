@@ -13,7 +13,8 @@
 //! without asking anyone first, so a restarted or briefly cut-off node
 //! raises the term and unseats a healthy leader. Here:
 //! - the leader sends a heartbeat every `heartbeat`, plus a disk-free
-//!   "alive" ping (`Alive`) that keeps followers from campaigning while a
+//!   "alive" ping (`Alive`, sent from a thread of its own: `spawn_pinger`)
+//!   that keeps followers from campaigning while a
 //!   slow disk delays AppendEntries;
 //! - a voter that has heard from no leader for a random time in
 //!   `[election_min, election_max)` first asks the other voters (pre-vote)
@@ -330,34 +331,93 @@ const PING_QUORUM_BOUND: Duration = Duration::from_secs(2);
 /// How long the leader waits for a ping's answer before not counting it.
 const PING_ANSWER_WAIT: Duration = Duration::from_millis(500);
 
-/// Pings every other member (fire and forget, each call bounded).
-fn ping_followers(node: &RaftNode, timing: &ElectionTiming) {
-    let (term, acked_ms) = {
-        let m = node.raft().metrics();
-        let m = m.borrow();
-        (m.current_term, m.millis_since_quorum_ack)
+/// Pings every other member while this node leads, every heartbeat, from
+/// a thread and runtime of its own, until `stop`.
+///
+/// Why a thread of its own: the log and state-machine stores write to sled
+/// on the async workers, and when the shared disk stalls those writes block
+/// both workers for a while; pings sent from the same runtime then stopped
+/// too, and the followers, which had not stalled, elected a new leader
+/// although this one was only waiting for its disk. The pings need no disk
+/// and carry on here. They stop once the quorum has not acknowledged this
+/// leader for `PING_QUORUM_BOUND`, so a leader stuck for real is replaced.
+pub fn spawn_pinger(
+    node: std::sync::Arc<RaftNode>,
+    timing: ElectionTiming,
+    stop: CancellationToken,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("raftmesh-pinger".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start the pinger runtime; pings come from no thread");
+                    return;
+                }
+            };
+            rt.block_on(pinger(node, timing, stop));
+        })
+}
+
+async fn pinger(node: std::sync::Arc<RaftNode>, timing: ElectionTiming, stop: CancellationToken) {
+    // A client of this runtime: pooled connections belong to the runtime
+    // that opened them.
+    let ip = node
+        .me()
+        .peer_addr
+        .parse::<std::net::SocketAddr>()
+        .map(|a| a.ip())
+        .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
+    let client = match super::network::PeerClient::new(ip) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot build the pinger's HTTP client");
+            return;
+        }
     };
-    let fresh = acked_ms.is_some_and(|ms| u128::from(ms) < PING_QUORUM_BOUND.as_millis());
-    if !fresh {
-        return;
+    let mut tick = tokio::time::interval(timing.heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        ping_followers(&node, &client, &timing);
     }
-    let ping = Alive {
-        leader: node.id(),
-        term,
-    };
-    // Every member, learners included: the answers feed `Heard`.
-    let members: Vec<(NodeId, String)> = {
+}
+
+/// Pings every other member once if this node leads with a fresh quorum
+/// (fire and forget, each call bounded).
+fn ping_followers(node: &RaftNode, client: &super::network::PeerClient, timing: &ElectionTiming) {
+    let (term, members) = {
         let m = node.raft().metrics();
         let m = m.borrow();
-        m.membership_config
+        let fresh = m
+            .millis_since_quorum_ack
+            .is_some_and(|ms| u128::from(ms) < PING_QUORUM_BOUND.as_millis());
+        if m.current_leader != Some(node.id()) || m.state != ServerState::Leader || !fresh {
+            return;
+        }
+        // Every member, learners included: the answers feed `Heard`.
+        let members: Vec<(NodeId, String)> = m
+            .membership_config
             .membership()
             .nodes()
             .filter(|(id, _)| **id != node.id())
             .map(|(id, n)| (*id, n.peer_addr.clone()))
-            .collect()
+            .collect();
+        (m.current_term, members)
+    };
+    let ping = Alive {
+        leader: node.id(),
+        term,
     };
     for (id, addr) in members {
-        let client = node.client().clone();
+        let client = client.clone();
         let heard = node.heard().clone();
         let ping = ping.clone();
         // Longer than a heartbeat: a late answer still proves the member
@@ -426,7 +486,6 @@ pub async fn run(node: std::sync::Arc<RaftNode>, timing: ElectionTiming, stop: C
         match state.step(&node, &timing) {
             Step::Nothing => {}
             Step::Heartbeat => {
-                ping_followers(&node, &timing);
                 if node.raft().trigger().heartbeat().await.is_err() {
                     return;
                 }
