@@ -201,8 +201,13 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
     // Heartbeats and elections: the detector owns them from here on.
     let detector_stop = CancellationToken::new();
     let detector_task = tokio::spawn(detector::run(node.clone(), election, detector_stop.clone()));
-    let pinger = detector::spawn_pinger(node.clone(), election, detector_stop.clone())
-        .context("starting the pinger thread")?;
+    let pinger = detector::spawn_pinger(
+        node.clone(),
+        peer_addr.ip(),
+        election,
+        detector_stop.clone(),
+    )
+    .context("starting the pinger thread")?;
     // TTL leases, member liveness and this node's HTTP/TCP checks.
     let health_stop = CancellationToken::new();
     let health_task = tokio::spawn(health.clone().run(health_stop.clone()));

@@ -108,23 +108,36 @@ struct Leadership {
 }
 
 impl Leadership {
+    fn new(term: Option<u64>, since: Instant) -> Self {
+        Leadership {
+            term,
+            since,
+            leases: HashMap::new(),
+            critical_since: HashMap::new(),
+        }
+    }
+
     /// Starts over unless this state already belongs to `term`.
     fn enter(&mut self, term: u64) {
         if self.term != Some(term) {
-            *self = Leadership {
-                term: Some(term),
-                since: Instant::now(),
-                leases: HashMap::new(),
-                critical_since: HashMap::new(),
-            };
+            *self = Leadership::new(Some(term), Instant::now());
         }
     }
 
     fn leave(&mut self) {
         if self.term.is_some() {
-            self.term = None;
-            self.leases = HashMap::new();
-            self.critical_since = HashMap::new();
+            *self = Leadership::new(None, self.since);
+        }
+    }
+
+    /// When the leader counts member `id` as last heard from: its last
+    /// answer, but never before this leadership began (the takeover grace);
+    /// the leader itself always now.
+    fn last_heard(&self, id: NodeId, me: NodeId, now: Instant, heard: Option<Instant>) -> Instant {
+        if id == me {
+            now
+        } else {
+            heard.map_or(self.since, |t| t.max(self.since))
         }
     }
 }
@@ -187,11 +200,7 @@ fn decide(
         }
     }
     for n in reg.nodes() {
-        let last = if n.id == me {
-            now
-        } else {
-            heard(n.id).map_or(lead.since, |t| t.max(lead.since))
-        };
+        let last = lead.last_heard(n.id, me, now, heard(n.id));
         let silent = now.saturating_duration_since(last) > fail_after;
         if silent != reg.is_failed(n.id) {
             d.nodes.push((n.id, silent));
@@ -213,12 +222,7 @@ impl Health {
         Ok(Arc::new(Health {
             node,
             fail_after,
-            leadership: Mutex::new(Leadership {
-                term: None,
-                since: Instant::now(),
-                leases: HashMap::new(),
-                critical_since: HashMap::new(),
-            }),
+            leadership: Mutex::new(Leadership::new(None, Instant::now())),
             probes: probe::Prober::new()?,
         }))
     }
@@ -298,21 +302,15 @@ impl Health {
         if !leading {
             return Err(ClusterError::NotLeader);
         }
-        let since = {
-            let mut lead = self.lock();
-            lead.enter(term);
-            lead.since
-        };
-        let now = Instant::now();
         let ids: Vec<NodeId> = self.node.state().nodes().map(|n| n.id).collect();
+        let mut lead = self.lock();
+        lead.enter(term);
+        let now = Instant::now();
         Ok(ids
             .into_iter()
             .map(|id| {
-                let last = if id == self.node.id() {
-                    now
-                } else {
-                    self.node.heard().last(id).map_or(since, |t| t.max(since))
-                };
+                let heard = self.node.heard().last(id);
+                let last = lead.last_heard(id, self.node.id(), now, heard);
                 let ms = now.saturating_duration_since(last).as_millis();
                 (id, u64::try_from(ms).unwrap_or(u64::MAX))
             })
@@ -460,12 +458,7 @@ mod tests {
     }
 
     fn leadership(since: Instant) -> Leadership {
-        Leadership {
-            term: Some(1),
-            since,
-            leases: HashMap::new(),
-            critical_since: HashMap::new(),
-        }
+        Leadership::new(Some(1), since)
     }
 
     const FAIL: Duration = Duration::from_secs(3);

@@ -343,6 +343,7 @@ const PING_ANSWER_WAIT: Duration = Duration::from_millis(500);
 /// leader for `PING_QUORUM_BOUND`, so a leader stuck for real is replaced.
 pub fn spawn_pinger(
     node: std::sync::Arc<RaftNode>,
+    source_ip: std::net::IpAddr,
     timing: ElectionTiming,
     stop: CancellationToken,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
@@ -359,20 +360,19 @@ pub fn spawn_pinger(
                     return;
                 }
             };
-            rt.block_on(pinger(node, timing, stop));
+            rt.block_on(pinger(node, source_ip, timing, stop));
         })
 }
 
-async fn pinger(node: std::sync::Arc<RaftNode>, timing: ElectionTiming, stop: CancellationToken) {
+async fn pinger(
+    node: std::sync::Arc<RaftNode>,
+    source_ip: std::net::IpAddr,
+    timing: ElectionTiming,
+    stop: CancellationToken,
+) {
     // A client of this runtime: pooled connections belong to the runtime
     // that opened them.
-    let ip = node
-        .me()
-        .peer_addr
-        .parse::<std::net::SocketAddr>()
-        .map(|a| a.ip())
-        .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST));
-    let client = match super::network::PeerClient::new(ip) {
+    let client = match super::network::PeerClient::new(source_ip) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "cannot build the pinger's HTTP client");
