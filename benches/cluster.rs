@@ -51,7 +51,8 @@
 //! `--election-max-ms` are read back for the report), `BENCH_KEEP=1` to keep data dirs and node
 //! logs for a look, `BENCH_IDLE_SECS` idle window (default 30, quick 5; 0 skips it),
 //! `BENCH_SOAK_SECS` loaded + idle soak (default 0 = off; `BENCH_SOAK_SECS=600` backs a claim
-//! of "no election in 10 minutes idle or loaded"), `BENCH_ONLY=failover,stability` to run only
+//! of "no election in 10 minutes idle or loaded"), `BENCH_BIN=path` to measure a given binary, `BENCH_CLIENTS=64` to narrow the
+//! throughput cells' client counts, `BENCH_ONLY=failover,stability` to run only
 //! some of the phases `throughput`, `stability`, `failover` (setup and footprint always run; the
 //! loaded half of the stability table comes from the throughput phase or the soak).
 //! Progress goes to stderr, the markdown tables to stdout.
@@ -78,6 +79,17 @@ const IPS: [&str; 3] = ["127.0.0.1", "127.0.0.2", "127.0.0.3"];
 const CLIENTS: [usize; 3] = [1, 16, 64];
 /// Clients used to load the footprint instances.
 const LOAD_CLIENTS: usize = 64;
+
+/// Client counts of the throughput cells: `BENCH_CLIENTS=64` (comma-separated) narrows them,
+/// for quick A/B runs of one change.
+fn bench_clients() -> Vec<usize> {
+    match std::env::var("BENCH_CLIENTS") {
+        Ok(v) if !v.trim().is_empty() => {
+            v.split(',').filter_map(|c| c.trim().parse().ok()).collect()
+        }
+        _ => CLIENTS.to_vec(),
+    }
+}
 /// Deadline of the condition waits (formation, leader, catch-up).
 const WAIT: Duration = Duration::from_secs(60);
 const POLL: Duration = Duration::from_millis(50);
@@ -998,6 +1010,11 @@ fn raftmesh_bin() -> Result<(PathBuf, &'static str)> {
 }
 
 fn locate_raftmesh_bin() -> Result<(PathBuf, &'static str)> {
+    if let Some(p) = std::env::var_os("BENCH_BIN") {
+        let p = PathBuf::from(p);
+        ensure!(p.exists(), "BENCH_BIN {} does not exist", p.display());
+        return Ok((p, "BENCH_BIN"));
+    }
     let profile = std::env::var("BENCH_PROFILE").unwrap_or_else(|_| "dist".into());
     if profile != "release" {
         let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
@@ -2676,7 +2693,7 @@ async fn run() -> Result<bool> {
         let t0 = Instant::now();
         let mut cells = 0usize;
         for role in ["leader", "follower"] {
-            for clients in CLIENTS {
+            for clients in bench_clients() {
                 if let Some(c) = &rm {
                     match rm_cell(c, role, clients, &knobs).await {
                         Ok(row) => report.throughput.push(row),
