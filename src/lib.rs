@@ -16,3 +16,4 @@ pub mod health;
 pub mod node;
 pub mod raft;
 pub mod registry;
+pub mod watch;

@@ -19,6 +19,7 @@ use super::health::{instance_checks, node_name};
 use super::{read, write_response};
 use crate::raft::RaftNode;
 use crate::registry::{
+    Kind,
     validate_service, Command, HealthStatus, NodeEntry, Registry, ServiceInstance,
 };
 
@@ -118,7 +119,7 @@ pub async fn agent_services(
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
     let me = node.id();
-    read(&node, &Params::parse(q.as_deref()), move |reg| {
+    read(&node, &Params::parse(q.as_deref()), &[Kind::Services], move |reg| {
         let map: serde_json::Map<String, Value> = reg
             .services()
             .filter(|s| s.node == me)
@@ -133,7 +134,7 @@ pub async fn catalog_services(
     State(node): Node,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
-    read(&node, &Params::parse(q.as_deref()), |reg| {
+    read(&node, &Params::parse(q.as_deref()), &[Kind::Services], |reg| {
         reg.service_names()
     })
     .await
@@ -146,7 +147,7 @@ pub async fn catalog_service(
 ) -> Result<Response, ApiError> {
     let p = Params::parse(q.as_deref());
     let tag = p.get("tag").map(str::to_owned);
-    read(&node, &p, move |reg| {
+    read(&node, &p, &[Kind::Services, Kind::Nodes], move |reg| {
         reg.instances_of(&name)
             .filter(|s| {
                 tag.as_ref()
@@ -159,7 +160,7 @@ pub async fn catalog_service(
 }
 
 pub async fn catalog_nodes(State(node): Node, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
-    read(&node, &Params::parse(q.as_deref()), |reg| {
+    read(&node, &Params::parse(q.as_deref()), &[Kind::Nodes], |reg| {
         reg.nodes().map(node_json).collect::<Vec<_>>()
     })
     .await
@@ -173,7 +174,7 @@ pub async fn health_service(
     let p = Params::parse(q.as_deref());
     let passing_only = p.has("passing");
     let tag = p.get("tag").map(str::to_owned);
-    read(&node, &p, move |reg| {
+    read(&node, &p, &[Kind::Services, Kind::Checks, Kind::Nodes], move |reg| {
         reg.instances_of(&name)
             .filter(|s| tag.as_ref().is_none_or(|t| s.spec.tags.iter().any(|x| x == t)))
             .filter_map(|s| {

@@ -22,6 +22,7 @@ use super::{read, write_response};
 use crate::health::{Beat, Health};
 use crate::raft::RaftNode;
 use crate::registry::{
+    Kind,
     validate_check, Check, CheckKind, Command, HealthStatus, NodeCheck, Registry, Response as R,
     ServiceInstance,
 };
@@ -197,7 +198,7 @@ pub async fn ttl_update(
 /// Checks registered through this node (Consul's agent view).
 pub async fn agent_checks(State(node): Node, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
     let me = node.id();
-    read(&node, &Params::parse(q.as_deref()), move |reg| {
+    read(&node, &Params::parse(q.as_deref()), &[Kind::Checks], move |reg| {
         let map: serde_json::Map<String, Value> = reg
             .checks()
             .filter(|c| c.node == me)
@@ -214,7 +215,7 @@ pub async fn service_checks(
     Path(name): Path<String>,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
-    read(&node, &Params::parse(q.as_deref()), move |reg| {
+    read(&node, &Params::parse(q.as_deref()), &[Kind::Services, Kind::Checks, Kind::Nodes], move |reg| {
         reg.instances_of(&name)
             .flat_map(|s| reg.checks_of(&s.spec.id).map(|c| check_json(reg, c)))
             .collect::<Vec<_>>()
@@ -228,7 +229,7 @@ pub async fn node_checks(
     Path(name): Path<String>,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
-    read(&node, &Params::parse(q.as_deref()), move |reg| {
+    read(&node, &Params::parse(q.as_deref()), &[Kind::Checks, Kind::Nodes], move |reg| {
         let Some(id) = reg.nodes().find(|n| n.name == name).map(|n| n.id) else {
             return Vec::new();
         };
@@ -250,7 +251,7 @@ pub async fn state_checks(
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
     let want = status_filter(&state)?;
-    read(&node, &Params::parse(q.as_deref()), move |reg| {
+    read(&node, &Params::parse(q.as_deref()), &[Kind::Services, Kind::Checks, Kind::Nodes], move |reg| {
         let ok = |s: HealthStatus| want.is_none_or(|w| w == s);
         let mut out: Vec<Value> = reg
             .nodes()
@@ -280,7 +281,7 @@ pub async fn cluster_stats(
 ) -> Result<Response, ApiError> {
     let node = health.node().clone();
     let contacts = health.contacts().await.ok();
-    read(&node, &Params::parse(q.as_deref()), move |reg| {
+    read(&node, &Params::parse(q.as_deref()), &[Kind::Nodes], move |reg| {
         let mut by_state: BTreeMap<&'static str, u64> = ["passing", "warning", "critical"]
             .into_iter()
             .map(|s| (s, 0))

@@ -16,6 +16,7 @@ mod consul;
 pub mod error;
 mod health;
 mod native;
+mod watch;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,7 +34,7 @@ use tracing::Instrument;
 use crate::health::Health;
 use crate::raft::bootstrap::PATH_JOIN;
 use crate::raft::RaftNode;
-use crate::registry::Registry;
+use crate::registry::{Kind, Registry};
 use body::Params;
 use error::ApiError;
 
@@ -90,23 +91,102 @@ fn consul_headers(res: &mut Response, node: &RaftNode, index: u64, mode: Option<
     }
 }
 
-/// Serves `f` over the registry with the consistency `p` asks for.
-pub(crate) async fn read<T: Serialize>(
+/// Default blocking wait, as in Consul.
+pub const DEFAULT_WAIT: Duration = Duration::from_secs(5 * 60);
+/// Longest blocking wait (before jitter), as in Consul.
+pub const MAX_WAIT: Duration = Duration::from_secs(10 * 60);
+
+/// A blocking query's `?index=N&wait=D`, if the request makes one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Blocking {
+    pub index: u64,
+    /// Capped, with jitter added.
+    pub wait: Duration,
+}
+
+impl Blocking {
+    /// `None` without `?index` (or with `index=0`, which Consul answers at
+    /// once too).
+    pub fn from_params(p: &Params) -> Result<Option<Self>, ApiError> {
+        let Some(raw) = p.get("index") else {
+            return Ok(None);
+        };
+        let index: u64 = raw.trim().parse().map_err(|_| {
+            ApiError::BadRequest(format!("?index must be an unsigned integer, got {raw:?}"))
+        })?;
+        let wait = match p.get("wait").filter(|w| !w.is_empty()) {
+            None => DEFAULT_WAIT,
+            Some(w) => crate::registry::parse_duration(w)
+                .map_err(|e| ApiError::BadRequest(format!("?wait: {e}")))?
+                .min(MAX_WAIT),
+        };
+        if index == 0 {
+            return Ok(None);
+        }
+        // Consul's jitter (up to wait/16) spreads the wake-ups of clients
+        // that started together.
+        let jitter_ms = u64::try_from(wait.as_millis() / 16).unwrap_or(0);
+        let jitter = Duration::from_millis(rand::Rng::gen_range(
+            &mut rand::thread_rng(),
+            0..=jitter_ms,
+        ));
+        Ok(Some(Blocking {
+            index,
+            wait: wait + jitter,
+        }))
+    }
+}
+
+/// The part of every read before it looks at data: consistency (a read
+/// barrier unless `?stale`), then, for a blocking query, the wait until one
+/// of `kinds` changes past the client's index. Returns the index to report
+/// (read *before* the data, so the data is at least that new).
+pub(crate) async fn settle(
     node: &RaftNode,
     p: &Params,
-    f: impl FnOnce(&Registry) -> T,
-) -> Result<Response, ApiError> {
+    kinds: &[Kind],
+) -> Result<(u64, Consistency), ApiError> {
     let mode = Consistency::from_params(p)?;
+    let blocking = Blocking::from_params(p)?;
     if mode != Consistency::Stale {
         node.linearize().await?;
     }
-    let (body, index) = {
-        let reg = node.state();
-        (f(&reg), reg.last_index())
+    let hub = node.shared().hub();
+    let index = match blocking {
+        Some(b) => {
+            hub.wait(kinds, b.index, tokio::time::Instant::now() + b.wait)
+                .await
+        }
+        None => hub.index(kinds),
     };
+    Ok((index, mode))
+}
+
+/// Serves `f` over the registry with the consistency `p` asks for, as a
+/// blocking query on `kinds` when `p` has `?index`.
+pub(crate) async fn read<T: Serialize>(
+    node: &RaftNode,
+    p: &Params,
+    kinds: &[Kind],
+    f: impl FnOnce(&Registry) -> T,
+) -> Result<Response, ApiError> {
+    let (index, mode) = settle(node, p, kinds).await?;
+    let body = f(&node.state());
     let mut res = Json(body).into_response();
     consul_headers(&mut res, node, index, Some(mode));
     Ok(res)
+}
+
+/// Adds the read headers to a response built by the handler (404s, raw
+/// values).
+pub(crate) fn with_read_headers(
+    mut res: Response,
+    node: &RaftNode,
+    index: u64,
+    mode: Consistency,
+) -> Response {
+    consul_headers(&mut res, node, index, Some(mode));
+    res
 }
 
 /// A local (non-registry) JSON answer that still carries the headers.
@@ -138,6 +218,24 @@ struct Limits {
     /// overloaded node sheds load with a 503 instead of queueing without end.
     permits: Arc<Semaphore>,
     timeout: Duration,
+    /// Blocking queries wait for minutes, mostly asleep: they have their own,
+    /// larger budget and a deadline past the longest wait.
+    blocking: Arc<Semaphore>,
+}
+
+/// Most blocking queries waiting at once on a node.
+pub const MAX_BLOCKING: usize = 16 * 1024;
+/// Longest a blocking query may run: the longest wait plus its jitter plus
+/// the read barrier's worst case.
+pub const BLOCKING_TIMEOUT: Duration = Duration::from_secs(10 * 60 + 40 + 60);
+
+/// True when the request is a blocking query (`?index=` non-zero).
+fn is_blocking(req: &Request) -> bool {
+    req.method() == axum::http::Method::GET
+        && req.uri().query().is_some_and(|q| {
+            form_urlencoded::parse(q.as_bytes())
+                .any(|(k, v)| k == "index" && v.trim().parse::<u64>().is_ok_and(|i| i > 0))
+        })
 }
 
 /// Longest any client request may run. Writes need at most leader wait +
@@ -149,10 +247,15 @@ pub const MAX_IN_FLIGHT: usize = 1024;
 async fn guard(State(limits): State<Limits>, req: Request, next: Next) -> Response {
     let span = tracing::info_span!("http", method = %req.method(), path = %req.uri().path());
     async move {
-        let Ok(_permit) = limits.permits.clone().try_acquire_owned() else {
+        let (permits, timeout) = if is_blocking(&req) {
+            (&limits.blocking, BLOCKING_TIMEOUT)
+        } else {
+            (&limits.permits, limits.timeout)
+        };
+        let Ok(_permit) = permits.clone().try_acquire_owned() else {
             return ApiError::Overloaded.into_response();
         };
-        let res = match tokio::time::timeout(limits.timeout, next.run(req)).await {
+        let res = match tokio::time::timeout(timeout, next.run(req)).await {
             Ok(res) => res,
             Err(_) => ApiError::RequestTimeout.into_response(),
         };
@@ -216,6 +319,7 @@ pub fn router(health: Arc<Health>) -> Router {
         .route("/v1/catalog/service/{name}", get(consul::catalog_service))
         .route("/v1/catalog/nodes", get(consul::catalog_nodes))
         .route("/v1/health/service/{name}", get(consul::health_service))
+        .route("/v1/watch", get(watch::stream))
         .route("/v1/status/leader", get(consul::status_leader))
         .route("/v1/status/peers", get(consul::status_peers))
         .route(
@@ -236,6 +340,7 @@ pub fn router(health: Arc<Health>) -> Router {
             Limits {
                 permits: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
                 timeout: REQUEST_TIMEOUT,
+                blocking: Arc::new(Semaphore::new(MAX_BLOCKING)),
             },
             guard,
         ))

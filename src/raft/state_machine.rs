@@ -44,6 +44,7 @@ use super::types::{
     StoredMembership, TypeConfig,
 };
 use crate::registry::{NodeEntry, Registry, Response};
+use crate::watch::Hub;
 
 const META_PREFIX: &[u8] = b"meta/";
 const APPLIED: &[u8] = b"meta/applied";
@@ -103,12 +104,16 @@ pub struct Shared {
     applied: watch::Sender<u64>,
     /// Snapshots received from a leader and installed by this process.
     snapshots_installed: AtomicU64,
+    /// The change feed blocking queries and watch streams sleep on; fed
+    /// after each apply, once the registry shows the change.
+    hub: Hub,
 }
 
 impl Shared {
     fn new(registry: Registry) -> Self {
         let (applied, _) = watch::channel(registry.last_index());
         Shared {
+            hub: Hub::new(registry.last_index()),
             registry: RwLock::new(registry),
             applied,
             snapshots_installed: AtomicU64::new(0),
@@ -125,7 +130,12 @@ impl Shared {
     fn replace(&self, reg: Registry) {
         let index = reg.last_index();
         *self.registry.write().unwrap_or_else(|p| p.into_inner()) = reg;
+        self.hub.reset(index);
         self.applied.send_replace(index);
+    }
+
+    pub fn hub(&self) -> &Hub {
+        &self.hub
     }
 
     pub fn applied_index(&self) -> u64 {
@@ -360,6 +370,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 ));
             }
         }
+        let mut published = None;
         if last_index.is_some() {
             let record = AppliedRecord {
                 last_applied: self.last_applied,
@@ -370,8 +381,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 .insert(APPLIED, encode(&record)?)
                 .map_err(sm_write_err)?;
             write_changes(&self.sm, &record.changes).map_err(sm_write_err)?;
+            published = Some(record);
         }
         if let Some(i) = last_index {
+            if let Some(record) = &published {
+                self.shared.hub.publish(i, &record.changes);
+            }
             self.shared.applied.send_replace(i);
         }
         Ok(responses)

@@ -23,6 +23,7 @@
 
 mod duration;
 mod health;
+mod kv;
 mod meta;
 mod validate;
 
@@ -32,6 +33,7 @@ use serde::{Deserialize, Serialize};
 
 pub use duration::{parse_duration, DurationError};
 pub use health::{Check, CheckKind, CheckUpdate, HealthStatus, NodeCheck, NODE_CHECK_ID};
+pub use kv::{Behavior, Kind, KvEntry, KvLock, KvSet, Session, MAX_VALUE_BYTES};
 pub use meta::Meta;
 pub use validate::{validate_check, validate_service, ValidationError};
 
@@ -140,6 +142,19 @@ pub enum Command {
     /// The leader's verdict on a member's liveness. Marking a node failed
     /// moves the HTTP/TCP checks it ran to live members.
     SetNodeHealth { node: NodeId, failed: bool },
+    /// Write a KV entry, optionally under CAS or as a lock operation.
+    KvSet(KvSet),
+    /// Delete a key (or, with `recurse`, every key under the prefix).
+    KvDelete {
+        key: String,
+        recurse: bool,
+        cas: Option<u64>,
+    },
+    /// Create a session (its id is chosen by the node that took the
+    /// request; indexes are set at apply).
+    SessionCreate(Session),
+    /// Destroy (or, from the leader, expire) a session.
+    SessionDestroy { id: String },
     /// Several commands committed as one entry (group commit), applied in
     /// order. Only the proposer builds batches, from single commands.
     Batch(Vec<Command>),
@@ -175,6 +190,16 @@ pub enum Response {
     Updated {
         changed: usize,
     },
+    /// A KV write's or delete's outcome (Consul's `true`/`false`).
+    Kv(bool),
+    SessionCreated {
+        id: String,
+    },
+    SessionDestroyed {
+        existed: bool,
+    },
+    /// The command cannot apply (unknown session, node not live).
+    Invalid(String),
     /// One response per command of a `Command::Batch`, in order.
     Batch(Vec<Response>),
 }
@@ -187,12 +212,16 @@ pub enum StateKey {
     Check(String),
     /// Present while the leader holds the node failed.
     NodeFailed(NodeId),
+    Kv(String),
+    Session(String),
 }
 
 const NODE_PREFIX: &str = "node/";
 const SERVICE_PREFIX: &str = "svc/";
 const CHECK_PREFIX: &str = "chk/";
 const FAILED_PREFIX: &str = "nfail/";
+const KV_PREFIX: &str = "kv/";
+const SESSION_PREFIX: &str = "sess/";
 
 impl StateKey {
     /// The storage key: a readable prefix plus the id.
@@ -202,6 +231,8 @@ impl StateKey {
             StateKey::Service(id) => format!("{SERVICE_PREFIX}{id}").into_bytes(),
             StateKey::Check(id) => format!("{CHECK_PREFIX}{id}").into_bytes(),
             StateKey::NodeFailed(id) => format!("{FAILED_PREFIX}{id:020}").into_bytes(),
+            StateKey::Kv(k) => format!("{KV_PREFIX}{k}").into_bytes(),
+            StateKey::Session(id) => format!("{SESSION_PREFIX}{id}").into_bytes(),
         }
     }
 }
@@ -229,6 +260,8 @@ pub struct Registry {
     checks: BTreeMap<String, Box<Check>>,
     /// Members the leader declared failed (and not yet alive again).
     failed: BTreeSet<NodeId>,
+    kv: BTreeMap<String, Box<KvEntry>>,
+    sessions: BTreeMap<String, Box<Session>>,
     last_index: u64,
     /// Derived from `checks`: `(instance id, check id)` pairs. A set of
     /// pairs, not a map of sets: a one-element B-tree costs a whole node.
@@ -246,6 +279,10 @@ struct RegistryData {
     checks: BTreeMap<String, Box<Check>>,
     #[serde(default)]
     failed: BTreeSet<NodeId>,
+    #[serde(default)]
+    kv: BTreeMap<String, Box<KvEntry>>,
+    #[serde(default)]
+    sessions: BTreeMap<String, Box<Session>>,
     last_index: u64,
 }
 
@@ -256,6 +293,8 @@ impl From<RegistryData> for Registry {
             services: d.services,
             checks: d.checks,
             failed: d.failed,
+            kv: d.kv,
+            sessions: d.sessions,
             last_index: d.last_index,
             by_service: BTreeSet::new(),
         };
@@ -360,7 +399,17 @@ impl Registry {
                 )
             }
             Command::UpdateChecks { updates } => self.update_checks(index, updates),
-            Command::SetNodeHealth { node, failed } => self.set_node_health(index, *node, *failed),
+            Command::SetNodeHealth { node, failed } => {
+                let (r, mut touched) = self.set_node_health(index, *node, *failed);
+                if *failed {
+                    touched.extend(self.invalidate_node_sessions(index, *node));
+                }
+                (r, touched)
+            }
+            Command::KvSet(op) => self.kv_set(index, op),
+            Command::KvDelete { key, recurse, cas } => self.kv_delete(key, *recurse, *cas),
+            Command::SessionCreate(s) => self.session_create(index, s.clone()),
+            Command::SessionDestroy { id } => self.session_destroy(index, id),
         }
     }
 
@@ -383,6 +432,7 @@ impl Registry {
             touched.push(StateKey::NodeFailed(id));
         }
         touched.extend(self.reassign_orphans(index));
+        touched.extend(self.invalidate_orphan_sessions(index));
         touched.sort();
         touched.dedup();
         touched
@@ -406,6 +456,14 @@ impl Registry {
                 .get(id)
                 .map(|c| serde_json::to_vec(c).expect("Check serializes")),
             StateKey::NodeFailed(id) => self.failed.contains(id).then(|| b"true".to_vec()),
+            StateKey::Kv(k) => self
+                .kv
+                .get(k)
+                .map(|e| serde_json::to_vec(e).expect("KvEntry serializes")),
+            StateKey::Session(id) => self
+                .sessions
+                .get(id)
+                .map(|s| serde_json::to_vec(s).expect("Session serializes")),
         }
     }
 
@@ -438,6 +496,12 @@ impl Registry {
                     .parse()
                     .map_err(|_| DecodeError::UnknownKey(key.clone()))?;
                 reg.failed.insert(id);
+            } else if key.starts_with(KV_PREFIX) {
+                let e: KvEntry = serde_json::from_slice(&v).map_err(corrupt)?;
+                reg.kv.insert(e.key.clone(), Box::new(e));
+            } else if key.starts_with(SESSION_PREFIX) {
+                let s: Session = serde_json::from_slice(&v).map_err(corrupt)?;
+                reg.sessions.insert(s.id.clone(), Box::new(s));
             } else {
                 return Err(DecodeError::UnknownKey(key));
             }
@@ -458,7 +522,9 @@ impl Registry {
                     .map(|id| StateKey::Service(id.to_string())),
             )
             .chain(self.checks.keys().map(|id| StateKey::Check(id.clone())))
-            .chain(self.failed.iter().map(|id| StateKey::NodeFailed(*id)));
+            .chain(self.failed.iter().map(|id| StateKey::NodeFailed(*id)))
+            .chain(self.kv.keys().map(|k| StateKey::Kv(k.clone())))
+            .chain(self.sessions.keys().map(|id| StateKey::Session(id.clone())));
         keys.filter_map(|k| self.encode_value(&k).map(|v| (k, v)))
             .collect()
     }
