@@ -246,6 +246,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
     shutdown.await;
     tracing::info!("shutting down: draining API");
     api_stop.cancel();
+    // Blocking queries and watch streams end now instead of at their wait.
+    node.shared().hub().close();
     drain(&api_tasks, "API server").await;
     drain(&bootstrap_tasks, "bootstrap").await;
     health_stop.cancel();

@@ -78,6 +78,9 @@ pub struct Hub {
     kinds: [watch::Sender<u64>; Kind::ALL.len()],
     latest: watch::Sender<u64>,
     ring: Mutex<Ring>,
+    /// Set once when the node shuts down: waits end and streams close, so
+    /// the API drains without waiting out minutes-long blocking queries.
+    closed: watch::Sender<bool>,
 }
 
 fn lock(ring: &Mutex<Ring>) -> std::sync::MutexGuard<'_, Ring> {
@@ -95,6 +98,7 @@ impl Hub {
                 floor: applied,
                 ..Ring::default()
             }),
+            closed: watch::channel(false).0,
         }
     }
 
@@ -159,6 +163,22 @@ impl Hub {
         self.latest.send_if_modified(|v| bump(v, index));
     }
 
+    /// Ends every wait and stream (node shutdown).
+    pub fn close(&self) {
+        self.closed.send_replace(true);
+    }
+
+    pub fn is_closed(&self) -> bool {
+        *self.closed.borrow()
+    }
+
+    /// Resolves once `close` has been called.
+    pub async fn closed(&self) {
+        let mut rx = self.closed.subscribe();
+        // The sender lives as long as the hub, which outlives this borrow.
+        let _ = rx.wait_for(|c| *c).await;
+    }
+
     /// Index of the last change of any of `kinds` (at least 1).
     pub fn index(&self, kinds: &[Kind]) -> u64 {
         kinds
@@ -194,18 +214,19 @@ impl Hub {
         Since::Events(ring.events.range(start..).cloned().collect())
     }
 
-    /// Waits until any of `kinds` changes past `index` or `deadline`
-    /// passes; returns the kinds' index then.
+    /// Waits until any of `kinds` changes past `index`, `deadline` passes
+    /// or the hub closes; returns the kinds' index then.
     pub async fn wait(&self, kinds: &[Kind], index: u64, deadline: tokio::time::Instant) -> u64 {
         let mut rxs: Vec<watch::Receiver<u64>> = kinds.iter().map(|k| self.subscribe(*k)).collect();
         loop {
             let now = self.index(kinds);
-            if now > index {
+            if now > index || self.is_closed() {
                 return now;
             }
-            let changed = futures_any(&mut rxs);
-            if tokio::time::timeout_at(deadline, changed).await.is_err() {
-                return self.index(kinds);
+            tokio::select! {
+                _ = futures_any(&mut rxs) => {}
+                _ = self.closed() => {}
+                _ = tokio::time::sleep_until(deadline) => return self.index(kinds),
             }
         }
     }
