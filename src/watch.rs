@@ -132,7 +132,8 @@ impl Hub {
             let size: usize = changes.iter().map(Change::bytes).sum();
             ring.bytes += size;
             ring.events.push_back(Arc::new(Event { index, changes }));
-            while ring.events.len() > MAX_EVENTS || (ring.bytes > MAX_BYTES && ring.events.len() > 1)
+            while ring.events.len() > MAX_EVENTS
+                || (ring.bytes > MAX_BYTES && ring.events.len() > 1)
             {
                 if let Some(old) = ring.events.pop_front() {
                     ring.bytes -= old.changes.iter().map(Change::bytes).sum::<usize>();

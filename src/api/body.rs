@@ -27,8 +27,14 @@ impl Params {
         )
     }
 
+    /// A boolean flag as Consul reads it: present with no value (or any
+    /// value but a false one) is true, so `?stale`, `?stale=1` and
+    /// `?keys=True` are set and `?recurse=false` (sent by some clients for
+    /// "off") is not.
     pub fn has(&self, key: &str) -> bool {
-        self.0.iter().any(|(k, _)| k == key)
+        self.0.iter().any(|(k, v)| {
+            k == key && !matches!(v.as_str(), "false" | "False" | "FALSE" | "f" | "F" | "0")
+        })
     }
 
     pub fn get(&self, key: &str) -> Option<&str> {

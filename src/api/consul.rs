@@ -19,8 +19,7 @@ use super::health::{instance_checks, node_name};
 use super::{read, write_response};
 use crate::raft::RaftNode;
 use crate::registry::{
-    Kind,
-    validate_service, Command, HealthStatus, NodeEntry, Registry, ServiceInstance,
+    validate_service, Command, HealthStatus, Kind, NodeEntry, Registry, ServiceInstance,
 };
 
 type Node = State<Arc<RaftNode>>;
@@ -119,14 +118,19 @@ pub async fn agent_services(
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
     let me = node.id();
-    read(&node, &Params::parse(q.as_deref()), &[Kind::Services], move |reg| {
-        let map: serde_json::Map<String, Value> = reg
-            .services()
-            .filter(|s| s.node == me)
-            .map(|s| (s.spec.id.to_string(), agent_service(s)))
-            .collect();
-        Value::Object(map)
-    })
+    read(
+        &node,
+        &Params::parse(q.as_deref()),
+        &[Kind::Services],
+        move |reg| {
+            let map: serde_json::Map<String, Value> = reg
+                .services()
+                .filter(|s| s.node == me)
+                .map(|s| (s.spec.id.to_string(), agent_service(s)))
+                .collect();
+            Value::Object(map)
+        },
+    )
     .await
 }
 
@@ -134,9 +138,12 @@ pub async fn catalog_services(
     State(node): Node,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
-    read(&node, &Params::parse(q.as_deref()), &[Kind::Services], |reg| {
-        reg.service_names()
-    })
+    read(
+        &node,
+        &Params::parse(q.as_deref()),
+        &[Kind::Services],
+        |reg| reg.service_names(),
+    )
     .await
 }
 

@@ -22,9 +22,8 @@ use super::{read, write_response};
 use crate::health::{Beat, Health};
 use crate::raft::RaftNode;
 use crate::registry::{
-    Kind,
-    validate_check, Check, CheckKind, Command, HealthStatus, NodeCheck, Registry, Response as R,
-    ServiceInstance,
+    validate_check, Check, CheckKind, Command, HealthStatus, Kind, NodeCheck, Registry,
+    Response as R, ServiceInstance,
 };
 
 type Node = State<Arc<RaftNode>>;
@@ -198,14 +197,19 @@ pub async fn ttl_update(
 /// Checks registered through this node (Consul's agent view).
 pub async fn agent_checks(State(node): Node, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
     let me = node.id();
-    read(&node, &Params::parse(q.as_deref()), &[Kind::Checks], move |reg| {
-        let map: serde_json::Map<String, Value> = reg
-            .checks()
-            .filter(|c| c.node == me)
-            .map(|c| (c.def.check_id.clone(), check_json(reg, c)))
-            .collect();
-        Value::Object(map)
-    })
+    read(
+        &node,
+        &Params::parse(q.as_deref()),
+        &[Kind::Checks],
+        move |reg| {
+            let map: serde_json::Map<String, Value> = reg
+                .checks()
+                .filter(|c| c.node == me)
+                .map(|c| (c.def.check_id.clone(), check_json(reg, c)))
+                .collect();
+            Value::Object(map)
+        },
+    )
     .await
 }
 
@@ -215,11 +219,16 @@ pub async fn service_checks(
     Path(name): Path<String>,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
-    read(&node, &Params::parse(q.as_deref()), &[Kind::Services, Kind::Checks, Kind::Nodes], move |reg| {
-        reg.instances_of(&name)
-            .flat_map(|s| reg.checks_of(&s.spec.id).map(|c| check_json(reg, c)))
-            .collect::<Vec<_>>()
-    })
+    read(
+        &node,
+        &Params::parse(q.as_deref()),
+        &[Kind::Services, Kind::Checks, Kind::Nodes],
+        move |reg| {
+            reg.instances_of(&name)
+                .flat_map(|s| reg.checks_of(&s.spec.id).map(|c| check_json(reg, c)))
+                .collect::<Vec<_>>()
+        },
+    )
     .await
 }
 
@@ -229,18 +238,23 @@ pub async fn node_checks(
     Path(name): Path<String>,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
-    read(&node, &Params::parse(q.as_deref()), &[Kind::Checks, Kind::Nodes], move |reg| {
-        let Some(id) = reg.nodes().find(|n| n.name == name).map(|n| n.id) else {
-            return Vec::new();
-        };
-        let mut out = vec![node_check_json(reg, &reg.node_check(id))];
-        out.extend(
-            reg.checks()
-                .filter(|c| c.node == id)
-                .map(|c| check_json(reg, c)),
-        );
-        out
-    })
+    read(
+        &node,
+        &Params::parse(q.as_deref()),
+        &[Kind::Checks, Kind::Nodes],
+        move |reg| {
+            let Some(id) = reg.nodes().find(|n| n.name == name).map(|n| n.id) else {
+                return Vec::new();
+            };
+            let mut out = vec![node_check_json(reg, &reg.node_check(id))];
+            out.extend(
+                reg.checks()
+                    .filter(|c| c.node == id)
+                    .map(|c| check_json(reg, c)),
+            );
+            out
+        },
+    )
     .await
 }
 
@@ -251,21 +265,26 @@ pub async fn state_checks(
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
     let want = status_filter(&state)?;
-    read(&node, &Params::parse(q.as_deref()), &[Kind::Services, Kind::Checks, Kind::Nodes], move |reg| {
-        let ok = |s: HealthStatus| want.is_none_or(|w| w == s);
-        let mut out: Vec<Value> = reg
-            .nodes()
-            .map(|n| reg.node_check(n.id))
-            .filter(|n| ok(n.status))
-            .map(|n| node_check_json(reg, &n))
-            .collect();
-        out.extend(
-            reg.checks()
-                .filter(|c| ok(c.status))
-                .map(|c| check_json(reg, c)),
-        );
-        out
-    })
+    read(
+        &node,
+        &Params::parse(q.as_deref()),
+        &[Kind::Services, Kind::Checks, Kind::Nodes],
+        move |reg| {
+            let ok = |s: HealthStatus| want.is_none_or(|w| w == s);
+            let mut out: Vec<Value> = reg
+                .nodes()
+                .map(|n| reg.node_check(n.id))
+                .filter(|n| ok(n.status))
+                .map(|n| node_check_json(reg, &n))
+                .collect();
+            out.extend(
+                reg.checks()
+                    .filter(|c| ok(c.status))
+                    .map(|c| check_json(reg, c)),
+            );
+            out
+        },
+    )
     .await
 }
 
@@ -281,52 +300,57 @@ pub async fn cluster_stats(
 ) -> Result<Response, ApiError> {
     let node = health.node().clone();
     let contacts = health.contacts().await.ok();
-    read(&node, &Params::parse(q.as_deref()), &[Kind::Nodes], move |reg| {
-        let mut by_state: BTreeMap<&'static str, u64> = ["passing", "warning", "critical"]
-            .into_iter()
-            .map(|s| (s, 0))
-            .collect();
-        let mut by_node = BTreeMap::new();
-        for s in reg.services() {
-            let st = reg.instance_status(s).as_str();
-            *by_state.entry(st).or_default() += 1;
-            count(&mut by_node, node_name(reg, s.node), st);
-        }
-        let mut by_owner = BTreeMap::new();
-        let mut checks_by_state: BTreeMap<&'static str, u64> = BTreeMap::new();
-        for c in reg.checks() {
-            *checks_by_state.entry(c.status.as_str()).or_default() += 1;
-            let kind = match kind_name(c) {
-                "" => "static",
-                k => k,
-            };
-            count(&mut by_owner, node_name(reg, c.owner), kind);
-        }
-        let members: Vec<Value> = reg
-            .nodes()
-            .map(|n| {
-                json!({
-                    "id": n.id,
-                    "name": n.name,
-                    "failed": reg.is_failed(n.id),
-                    "last_contact_ms": contacts.as_ref().and_then(|c| c.get(&n.id)),
+    read(
+        &node,
+        &Params::parse(q.as_deref()),
+        &[Kind::Nodes],
+        move |reg| {
+            let mut by_state: BTreeMap<&'static str, u64> = ["passing", "warning", "critical"]
+                .into_iter()
+                .map(|s| (s, 0))
+                .collect();
+            let mut by_node = BTreeMap::new();
+            for s in reg.services() {
+                let st = reg.instance_status(s).as_str();
+                *by_state.entry(st).or_default() += 1;
+                count(&mut by_node, node_name(reg, s.node), st);
+            }
+            let mut by_owner = BTreeMap::new();
+            let mut checks_by_state: BTreeMap<&'static str, u64> = BTreeMap::new();
+            for c in reg.checks() {
+                *checks_by_state.entry(c.status.as_str()).or_default() += 1;
+                let kind = match kind_name(c) {
+                    "" => "static",
+                    k => k,
+                };
+                count(&mut by_owner, node_name(reg, c.owner), kind);
+            }
+            let members: Vec<Value> = reg
+                .nodes()
+                .map(|n| {
+                    json!({
+                        "id": n.id,
+                        "name": n.name,
+                        "failed": reg.is_failed(n.id),
+                        "last_contact_ms": contacts.as_ref().and_then(|c| c.get(&n.id)),
+                    })
                 })
+                .collect();
+            json!({
+                "instances": {
+                    "total": reg.services().count(),
+                    "by_state": by_state,
+                    "by_node": by_node,
+                },
+                "checks": {
+                    "total": reg.checks().count(),
+                    "by_state": checks_by_state,
+                    "by_owner": by_owner,
+                },
+                "members": members,
+                "leader_view": contacts.is_some(),
             })
-            .collect();
-        json!({
-            "instances": {
-                "total": reg.services().count(),
-                "by_state": by_state,
-                "by_node": by_node,
-            },
-            "checks": {
-                "total": reg.checks().count(),
-                "by_state": checks_by_state,
-                "by_owner": by_owner,
-            },
-            "members": members,
-            "leader_view": contacts.is_some(),
-        })
-    })
+        },
+    )
     .await
 }

@@ -15,7 +15,9 @@ pub mod body;
 mod consul;
 pub mod error;
 mod health;
+mod kv;
 mod native;
+mod session;
 mod watch;
 
 use std::sync::Arc;
@@ -126,10 +128,8 @@ impl Blocking {
         // Consul's jitter (up to wait/16) spreads the wake-ups of clients
         // that started together.
         let jitter_ms = u64::try_from(wait.as_millis() / 16).unwrap_or(0);
-        let jitter = Duration::from_millis(rand::Rng::gen_range(
-            &mut rand::thread_rng(),
-            0..=jitter_ms,
-        ));
+        let jitter =
+            Duration::from_millis(rand::Rng::gen_range(&mut rand::thread_rng(), 0..=jitter_ms));
         Ok(Some(Blocking {
             index,
             wait: wait + jitter,
@@ -320,6 +320,17 @@ pub fn router(health: Arc<Health>) -> Router {
         .route("/v1/catalog/nodes", get(consul::catalog_nodes))
         .route("/v1/health/service/{name}", get(consul::health_service))
         .route("/v1/watch", get(watch::stream))
+        .route("/v1/kv/", get(kv::get).delete(kv::delete))
+        .route(
+            "/v1/kv/{*key}",
+            get(kv::get).put(kv::put).delete(kv::delete),
+        )
+        .route("/v1/session/create", put(session::create))
+        .route("/v1/session/destroy/{id}", put(session::destroy))
+        .route("/v1/session/renew/{id}", put(session::renew))
+        .route("/v1/session/info/{id}", get(session::info))
+        .route("/v1/session/list", get(session::list))
+        .route("/v1/session/node/{node}", get(session::of_node))
         .route("/v1/status/leader", get(consul::status_leader))
         .route("/v1/status/peers", get(consul::status_peers))
         .route(

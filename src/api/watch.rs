@@ -6,5 +6,7 @@ use axum::response::Response;
 use super::error::ApiError;
 
 pub async fn stream() -> Result<Response, ApiError> {
-    Err(ApiError::NotFound("the watch stream is not built yet".into()))
+    Err(ApiError::NotFound(
+        "the watch stream is not built yet".into(),
+    ))
 }

@@ -51,6 +51,10 @@ const MAX_UPDATES: usize = 1024;
 pub const PATH_BEAT: &str = "/internal/check-beat";
 /// Peer path on which any node asks the leader for member contact ages.
 pub const PATH_CONTACTS: &str = "/internal/contacts";
+/// Peer path on which followers forward session renewals to the leader.
+pub const PATH_RENEW: &str = "/internal/session-renew";
+/// Most session expiries proposed by one sweep.
+const MAX_EXPIRIES: usize = 256;
 
 /// A TTL heartbeat: `pass`, `warn`, `fail` or `update` on a check.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -88,6 +92,13 @@ pub enum BeatError {
     NotTtl(String),
 }
 
+/// Why a session renewal was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum RenewError {
+    #[error("unknown session {0:?}")]
+    UnknownSession(String),
+}
+
 /// The leader's timing of one TTL check.
 #[derive(Debug, Clone)]
 struct Lease {
@@ -105,6 +116,9 @@ struct Leadership {
     leases: HashMap<String, Lease>,
     /// When the leader first saw each check critical (for DCSA).
     critical_since: HashMap<String, Instant>,
+    /// Session id → when its TTL runs out: one TTL after this leadership
+    /// first saw the session, or after its last renewal.
+    sessions: HashMap<String, Instant>,
 }
 
 impl Leadership {
@@ -114,6 +128,7 @@ impl Leadership {
             since,
             leases: HashMap::new(),
             critical_since: HashMap::new(),
+            sessions: HashMap::new(),
         }
     }
 
@@ -148,6 +163,8 @@ struct Decisions {
     updates: Vec<CheckUpdate>,
     nodes: Vec<(NodeId, bool)>,
     deregister: BTreeSet<String>,
+    /// Sessions whose TTL ran out unrenewed.
+    expire_sessions: Vec<String>,
 }
 
 pub const TTL_EXPIRED: &str = "TTL expired";
@@ -199,6 +216,18 @@ fn decide(
             }
         }
     }
+    for s in reg.sessions() {
+        let Some(ttl) = session_ttl(&s.ttl) else {
+            continue;
+        };
+        // First sighting (a new session, or every session after a
+        // takeover): one full TTL from now.
+        let deadline = *lead.sessions.entry(s.id.clone()).or_insert(now + ttl);
+        if now >= deadline && d.expire_sessions.len() < MAX_EXPIRIES {
+            d.expire_sessions.push(s.id.clone());
+        }
+    }
+    lead.sessions.retain(|id, _| reg.session(id).is_some());
     for n in reg.nodes() {
         let last = lead.last_heard(n.id, me, now, heard(n.id));
         let silent = now.saturating_duration_since(last) > fail_after;
@@ -207,6 +236,14 @@ fn decide(
         }
     }
     d
+}
+
+/// A session's TTL; `None` for sessions without one.
+fn session_ttl(ttl: &str) -> Option<Duration> {
+    if ttl.is_empty() {
+        return None;
+    }
+    parse_duration(ttl).ok().filter(|d| !d.is_zero())
 }
 
 /// A node's health subsystem.
@@ -286,6 +323,32 @@ impl Health {
         Ok(Ok(()))
     }
 
+    /// Renews a session's TTL through any node: forwarded to the leader,
+    /// which only moves the deadline in its soft state (nothing is written).
+    pub async fn renew(&self, id: String) -> Result<Result<(), RenewError>, ClusterError> {
+        let timeout = self.node.timing().write_timeout;
+        self.node
+            .on_leader(PATH_RENEW, &id, timeout, || async { self.renew_local(&id) })
+            .await
+    }
+
+    fn renew_local(&self, id: &str) -> Result<Result<(), RenewError>, ClusterError> {
+        let (term, leading) = self.node.leadership();
+        if !leading {
+            return Err(ClusterError::NotLeader);
+        }
+        let ttl = match self.node.state().session(id) {
+            None => return Ok(Err(RenewError::UnknownSession(id.to_string()))),
+            Some(s) => session_ttl(&s.ttl),
+        };
+        if let Some(ttl) = ttl {
+            let mut lead = self.lock();
+            lead.enter(term);
+            lead.sessions.insert(id.to_string(), Instant::now() + ttl);
+        }
+        Ok(Ok(()))
+    }
+
     /// How long ago the leader last heard from each member (ms), from any
     /// node: the leader's view, as `GET /v1/cluster/stats` reports it.
     pub async fn contacts(&self) -> Result<BTreeMap<NodeId, u64>, ClusterError> {
@@ -360,6 +423,10 @@ impl Health {
             })
             .await;
         }
+        for id in decisions.expire_sessions {
+            tracing::info!(session = %id, "session TTL expired; invalidating it");
+            self.propose(Command::SessionDestroy { id }).await;
+        }
         for id in decisions.deregister {
             tracing::info!(service = %id, "critical past DeregisterCriticalServiceAfter; deregistering");
             self.propose(Command::DeregisterService { id }).await;
@@ -399,6 +466,14 @@ async fn beat_rpc(
     Json(h.beat_local(beat).instrument(span).await)
 }
 
+async fn renew_rpc(
+    State(h): State<Arc<Health>>,
+    Json(id): Json<String>,
+) -> Json<Result<Result<(), RenewError>, ClusterError>> {
+    let _span = tracing::debug_span!("session_renew", session = %id).entered();
+    Json(h.renew_local(&id))
+}
+
 async fn contacts_rpc(
     State(h): State<Arc<Health>>,
 ) -> Json<Result<BTreeMap<NodeId, u64>, ClusterError>> {
@@ -411,6 +486,7 @@ pub fn peer_router(health: Arc<Health>) -> Router {
     Router::new()
         .route(PATH_BEAT, post(beat_rpc))
         .route(PATH_CONTACTS, post(contacts_rpc))
+        .route(PATH_RENEW, post(renew_rpc))
         .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
         .with_state(health)
 }

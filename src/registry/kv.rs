@@ -178,7 +178,10 @@ impl Registry {
     /// Entries whose key starts with `prefix`, in key order.
     pub fn kv_prefix<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = &'a KvEntry> {
         self.kv
-            .range::<str, _>((std::ops::Bound::Included(prefix), std::ops::Bound::Unbounded))
+            .range::<str, _>((
+                std::ops::Bound::Included(prefix),
+                std::ops::Bound::Unbounded,
+            ))
             .take_while(move |(k, _)| k.starts_with(prefix))
             .map(|(_, e)| &**e)
     }
@@ -250,7 +253,11 @@ impl Registry {
         let keys: Vec<String> = if recurse {
             self.kv_prefix(key).map(|e| e.key.clone()).collect()
         } else {
-            self.kv.contains_key(key).then(|| key.to_string()).into_iter().collect()
+            self.kv
+                .contains_key(key)
+                .then(|| key.to_string())
+                .into_iter()
+                .collect()
         };
         for k in &keys {
             self.kv.remove(k);
@@ -381,12 +388,27 @@ mod tests {
     #[test]
     fn cas_zero_creates_only_once_and_cas_index_must_match() {
         let mut r = reg();
-        assert_eq!(r.apply(2, &set("a", "1", Some(0), None)).0, Response::Kv(true));
-        assert_eq!(r.apply(3, &set("a", "2", Some(0), None)).0, Response::Kv(false));
-        assert_eq!(r.apply(4, &set("a", "2", Some(9), None)).0, Response::Kv(false));
-        assert_eq!(r.apply(5, &set("a", "2", Some(2), None)).0, Response::Kv(true));
+        assert_eq!(
+            r.apply(2, &set("a", "1", Some(0), None)).0,
+            Response::Kv(true)
+        );
+        assert_eq!(
+            r.apply(3, &set("a", "2", Some(0), None)).0,
+            Response::Kv(false)
+        );
+        assert_eq!(
+            r.apply(4, &set("a", "2", Some(9), None)).0,
+            Response::Kv(false)
+        );
+        assert_eq!(
+            r.apply(5, &set("a", "2", Some(2), None)).0,
+            Response::Kv(true)
+        );
         let e = r.kv("a").expect("a");
-        assert_eq!((e.value.as_slice(), e.create_index, e.modify_index), (&b"2"[..], 2, 5));
+        assert_eq!(
+            (e.value.as_slice(), e.create_index, e.modify_index),
+            (&b"2"[..], 2, 5)
+        );
     }
 
     #[test]
@@ -395,23 +417,41 @@ mod tests {
         r.apply(2, &session("s1", 1, Behavior::Release));
         r.apply(3, &session("s2", 2, Behavior::Release));
         let acq = |s: &str| Some(KvLock::Acquire(s.into()));
-        assert_eq!(r.apply(4, &set("l", "a", None, acq("s1"))).0, Response::Kv(true));
-        assert_eq!(r.apply(5, &set("l", "b", None, acq("s2"))).0, Response::Kv(false));
+        assert_eq!(
+            r.apply(4, &set("l", "a", None, acq("s1"))).0,
+            Response::Kv(true)
+        );
+        assert_eq!(
+            r.apply(5, &set("l", "b", None, acq("s2"))).0,
+            Response::Kv(false)
+        );
         // Re-acquiring by the holder updates without a new lock index.
-        assert_eq!(r.apply(6, &set("l", "c", None, acq("s1"))).0, Response::Kv(true));
+        assert_eq!(
+            r.apply(6, &set("l", "c", None, acq("s1"))).0,
+            Response::Kv(true)
+        );
         assert_eq!(r.kv("l").map(|e| e.lock_index), Some(1));
         let (_, touched) = r.apply(7, &Command::SessionDestroy { id: "s1".into() });
         assert!(touched.contains(&StateKey::Kv("l".into())));
         assert_eq!(r.kv("l").and_then(|e| e.session.clone()), None);
-        assert_eq!(r.apply(8, &set("l", "d", None, acq("s2"))).0, Response::Kv(true));
+        assert_eq!(
+            r.apply(8, &set("l", "d", None, acq("s2"))).0,
+            Response::Kv(true)
+        );
         assert_eq!(r.kv("l").map(|e| e.lock_index), Some(2));
         assert!(matches!(
             r.apply(9, &set("l", "e", None, acq("nope"))).0,
             Response::Invalid(_)
         ));
         let rel = |s: &str| Some(KvLock::Release(s.into()));
-        assert_eq!(r.apply(10, &set("l", "f", None, rel("s1"))).0, Response::Kv(false));
-        assert_eq!(r.apply(11, &set("l", "f", None, rel("s2"))).0, Response::Kv(true));
+        assert_eq!(
+            r.apply(10, &set("l", "f", None, rel("s1"))).0,
+            Response::Kv(false)
+        );
+        assert_eq!(
+            r.apply(11, &set("l", "f", None, rel("s2"))).0,
+            Response::Kv(true)
+        );
     }
 
     #[test]
@@ -419,7 +459,13 @@ mod tests {
         let mut r = reg();
         r.apply(2, &session("s1", 2, Behavior::Delete));
         r.apply(3, &set("x", "v", None, Some(KvLock::Acquire("s1".into()))));
-        r.apply(4, &Command::SetNodeHealth { node: 2, failed: true });
+        r.apply(
+            4,
+            &Command::SetNodeHealth {
+                node: 2,
+                failed: true,
+            },
+        );
         assert!(r.session("s1").is_none());
         assert!(r.kv("x").is_none());
         // No new session on a failed node.
