@@ -483,6 +483,77 @@ async fn locks_are_released_by_ttl_lapse_and_by_the_holders_node_dying() -> Resu
     c.finish(r)
 }
 
+/// A lock freed by invalidating its session stays unavailable for the session's `LockDelay`;
+/// one freed by `?release` is available at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_delay_holds_back_a_lock_freed_by_invalidation() -> Result<()> {
+    let mut c = Cluster::new(&[])?;
+    let r = async {
+        c.form().await?;
+        let session = async |via: u64, delay: &str| -> Result<String> {
+            let v: Value = c
+                .put_raw(
+                    via,
+                    "/v1/session/create",
+                    json!({ "LockDelay": delay }).to_string(),
+                )
+                .await?
+                .expect_200("session create")?
+                .json()?;
+            Ok(v["ID"].as_str().context("ID")?.to_string())
+        };
+        let acquire = async |via: u64, sid: &str| -> Result<bool> {
+            let req = CreateOrUpdateKeyRequest {
+                key: "locks/delay",
+                acquire: sid,
+                ..Default::default()
+            };
+            Ok(consul(&c, via)?
+                .create_or_update_key(req, b"v".to_vec())
+                .await?
+                .0)
+        };
+        let a = session(1, "3s").await?;
+        ensure!(acquire(1, &a).await?, "first acquire");
+        c.put_raw(2, &format!("/v1/session/destroy/{a}"), String::new())
+            .await?
+            .expect_200("destroy")?;
+        let destroyed = Instant::now();
+        let b = session(3, "0s").await?;
+        ensure!(!acquire(3, &b).await?, "acquired during the lock delay");
+        c.eventually(WAIT, "the lock delay to pass", async || {
+            ensure!(acquire(3, &b).await?, "not yet");
+            Ok(())
+        })
+        .await?;
+        ensure!(
+            destroyed.elapsed() >= Duration::from_secs(2),
+            "acquired {:?} after the destroy, inside a 3 s lock delay",
+            destroyed.elapsed()
+        );
+        let (_, idx) = holder(&c, 1, "locks/delay").await?;
+        ensure!(idx == 2, "LockIndex {idx}");
+        // An explicit release starts no delay.
+        let release = CreateOrUpdateKeyRequest {
+            key: "locks/delay",
+            release: &b,
+            ..Default::default()
+        };
+        ensure!(
+            consul(&c, 2)?
+                .create_or_update_key(release, Vec::new())
+                .await?
+                .0,
+            "release"
+        );
+        let d = session(2, "15s").await?;
+        ensure!(acquire(2, &d).await?, "acquire right after a release");
+        Ok(())
+    }
+    .await;
+    c.finish(r)
+}
+
 /// Bad input to the KV and session endpoints is a 4xx with a JSON body, and nothing is
 /// written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

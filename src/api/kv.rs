@@ -22,6 +22,7 @@ use serde_json::{json, Value};
 use super::body::Params;
 use super::error::ApiError;
 use super::{settle, with_read_headers, write_response};
+use crate::health::Health;
 use crate::raft::RaftNode;
 use crate::registry::{
     Command, Kind, KvEntry, KvLock, KvSet, Response as Outcome, MAX_VALUE_BYTES,
@@ -128,6 +129,7 @@ pub async fn get(
 /// `PUT /v1/kv/{key}`: the raw body is the value.
 pub async fn put(
     State(node): Node,
+    State(health): State<Arc<Health>>,
     Path(key): Path<String>,
     RawQuery(q): RawQuery,
     body: Result<Bytes, BytesRejection>,
@@ -149,6 +151,13 @@ pub async fn put(
         (None, Some(s)) => Some(KvLock::Release(session_param("release", s)?)),
         (None, None) => None,
     };
+    if matches!(lock, Some(KvLock::Acquire(_)))
+        && !health.lock_delay_left(key.clone()).await?.is_zero()
+    {
+        // Consul answers an acquisition during the lock delay with false.
+        let index = node.shared().applied_index();
+        return Ok(write_response(&node, index, Some(json!(false))));
+    }
     let op = KvSet {
         key,
         value: value.to_vec(),
@@ -215,6 +224,7 @@ mod tests {
             modify_index: 1,
             lock_index: 0,
             session: None,
+            lock_delay: None,
         }
     }
 

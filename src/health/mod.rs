@@ -4,10 +4,11 @@
 //!
 //! Owns the leader's soft state (`Leadership`): when each TTL check last
 //! heard a heartbeat and with what status, when each check turned critical,
-//! and from when this node leads. None of it is replicated: heartbeats write
-//! nothing to the Raft log; only a *change* of status, liveness or ownership
-//! is proposed as a command (`UpdateChecks`, `SetNodeHealth`,
-//! `DeregisterService`). Does not store health (`registry` does) or speak
+//! when each session's TTL runs out, when each released lock's delay ends,
+//! and from when this node leads. None of it is replicated: heartbeats and
+//! session renewals write nothing to the Raft log; only a *change* of
+//! status, liveness or ownership, or a lapse, is proposed as a command
+//! (`UpdateChecks`, `SetNodeHealth`, `DeregisterService`, `SessionDestroy`). Does not store health (`registry` does) or speak
 //! HTTP to clients (`api`).
 //!
 //! Invariants:
@@ -53,6 +54,9 @@ pub const PATH_BEAT: &str = "/internal/check-beat";
 pub const PATH_CONTACTS: &str = "/internal/contacts";
 /// Peer path on which followers forward session renewals to the leader.
 pub const PATH_RENEW: &str = "/internal/session-renew";
+/// Peer path on which any node asks the leader whether a key is in its
+/// lock delay.
+pub const PATH_LOCK_DELAY: &str = "/internal/lock-delay";
 /// Most session expiries proposed by one sweep.
 const MAX_EXPIRIES: usize = 256;
 
@@ -119,6 +123,9 @@ struct Leadership {
     /// Session id → when its TTL runs out: one TTL after this leadership
     /// first saw the session, or after its last renewal.
     sessions: HashMap<String, Instant>,
+    /// `(key, index of the release)` → end of the key's lock delay, from
+    /// when this leadership saw the release (see `track_releases`).
+    lock_delays: HashMap<(String, u64), Instant>,
 }
 
 impl Leadership {
@@ -129,6 +136,7 @@ impl Leadership {
             leases: HashMap::new(),
             critical_since: HashMap::new(),
             sessions: HashMap::new(),
+            lock_delays: HashMap::new(),
         }
     }
 
@@ -228,6 +236,7 @@ fn decide(
         }
     }
     lead.sessions.retain(|id, _| reg.session(id).is_some());
+    lead.lock_delays.retain(|_, until| *until > now);
     for n in reg.nodes() {
         let last = lead.last_heard(n.id, me, now, heard(n.id));
         let silent = now.saturating_duration_since(last) > fail_after;
@@ -349,6 +358,86 @@ impl Health {
         Ok(Ok(()))
     }
 
+    /// How long a session must still wait before acquiring `key`: the lock
+    /// delay left after an invalidated session released it (zero if none).
+    /// Asked of the leader, whose clock times every delay.
+    pub async fn lock_delay_left(&self, key: String) -> Result<Duration, ClusterError> {
+        let timeout = self.node.timing().write_timeout;
+        self.node
+            .on_leader(PATH_LOCK_DELAY, &key, timeout, || async {
+                self.lock_delay_local(&key)
+            })
+            .await
+    }
+
+    fn lock_delay_local(&self, key: &str) -> Result<Duration, ClusterError> {
+        let (term, leading) = self.node.leadership();
+        if !leading {
+            return Err(ClusterError::NotLeader);
+        }
+        let delay = match self.node.state().kv(key) {
+            Some(e) if e.session.is_none() => e.lock_delay,
+            _ => None,
+        };
+        let Some(d) = delay else {
+            return Ok(Duration::ZERO);
+        };
+        let now = Instant::now();
+        let mut lead = self.lock();
+        lead.enter(term);
+        // Not seen released by this leadership (a takeover, or a lost
+        // event): the delay counts from now, which errs on the safe side.
+        let until = *lead
+            .lock_delays
+            .entry((key.to_string(), d.released_at))
+            .or_insert(now + Duration::from_nanos(d.delay_ns));
+        Ok(until.saturating_duration_since(now))
+    }
+
+    /// Starts the lock delay of every key an invalidated session released,
+    /// as this node applies the release (it matters only on the leader).
+    async fn track_releases(self: Arc<Self>, stop: CancellationToken) {
+        let hub = self.node.shared().hub();
+        let mut rx = hub.subscribe_all();
+        let mut cursor = hub.latest();
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                changed = rx.changed() => if changed.is_err() { return },
+            }
+            let events = match hub.since(cursor) {
+                crate::watch::Since::Events(events) => events,
+                crate::watch::Since::Gap { .. } => {
+                    cursor = hub.latest();
+                    continue;
+                }
+            };
+            let (term, leading) = self.node.leadership();
+            for ev in events {
+                cursor = ev.index;
+                if !leading {
+                    continue;
+                }
+                for c in &ev.changes {
+                    let Some(v) = c.value.as_deref().filter(|v| v.contains("lock_delay")) else {
+                        continue;
+                    };
+                    let Ok(e) = serde_json::from_str::<crate::registry::KvEntry>(v) else {
+                        continue;
+                    };
+                    if let (None, Some(d)) = (&e.session, e.lock_delay) {
+                        let mut lead = self.lock();
+                        lead.enter(term);
+                        let now = Instant::now();
+                        lead.lock_delays
+                            .entry((e.key, d.released_at))
+                            .or_insert(now + Duration::from_nanos(d.delay_ns));
+                    }
+                }
+            }
+        }
+    }
+
     /// How long ago the leader last heard from each member (ms), from any
     /// node: the leader's view, as `GET /v1/cluster/stats` reports it.
     pub async fn contacts(&self) -> Result<BTreeMap<NodeId, u64>, ClusterError> {
@@ -443,6 +532,7 @@ impl Health {
     /// Runs the leader sweep and the probe reconciler until `stop`.
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
         let probes = tokio::spawn(probe::run(self.clone(), stop.clone()));
+        let releases = tokio::spawn(self.clone().track_releases(stop.clone()));
         let mut tick = tokio::time::interval(SWEEP);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -455,6 +545,7 @@ impl Health {
                 .await;
         }
         let _ = probes.await;
+        let _ = releases.await;
     }
 }
 
@@ -474,6 +565,14 @@ async fn renew_rpc(
     Json(h.renew_local(&id))
 }
 
+async fn lock_delay_rpc(
+    State(h): State<Arc<Health>>,
+    Json(key): Json<String>,
+) -> Json<Result<Duration, ClusterError>> {
+    let _span = tracing::debug_span!("lock_delay", key = %key).entered();
+    Json(h.lock_delay_local(&key))
+}
+
 async fn contacts_rpc(
     State(h): State<Arc<Health>>,
 ) -> Json<Result<BTreeMap<NodeId, u64>, ClusterError>> {
@@ -487,6 +586,7 @@ pub fn peer_router(health: Arc<Health>) -> Router {
         .route(PATH_BEAT, post(beat_rpc))
         .route(PATH_CONTACTS, post(contacts_rpc))
         .route(PATH_RENEW, post(renew_rpc))
+        .route(PATH_LOCK_DELAY, post(lock_delay_rpc))
         .layer(axum::extract::DefaultBodyLimit::max(64 * 1024))
         .with_state(health)
 }

@@ -14,6 +14,9 @@
 //! - CAS compares against `modify_index`: 0 means "only if absent".
 //! - A session bound to a node is invalidated when that node is marked
 //!   failed or leaves the membership.
+//! - A key released by an invalidated session carries `lock_delay` (the
+//!   release's index and the session's delay) until the next acquisition;
+//!   only the leader turns it into time.
 
 use serde::{Deserialize, Serialize};
 
@@ -115,6 +118,19 @@ pub struct KvEntry {
     pub lock_index: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session: Option<String>,
+    /// Set when an invalidated session's lock was released here: the
+    /// index of that release and the session's lock delay. The leader
+    /// refuses acquisitions for the delay after it saw the release
+    /// (`health`); a successful acquisition clears it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lock_delay: Option<LockDelay>,
+}
+
+/// See `KvEntry::lock_delay`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockDelay {
+    pub released_at: u64,
+    pub delay_ns: u64,
 }
 
 /// What happens to a session's locks when it is invalidated.
@@ -205,6 +221,7 @@ impl Registry {
             return (Response::Kv(false), Vec::new());
         }
         let holder = existing.and_then(|e| e.session.clone());
+        let mut lock_delay = existing.and_then(|e| e.lock_delay);
         let (session, lock_index) = match &op.lock {
             None => (holder, existing.map_or(0, |e| e.lock_index)),
             Some(KvLock::Acquire(s)) => {
@@ -218,7 +235,10 @@ impl Registry {
                 match holder {
                     Some(h) if &h == s => (Some(h), lock_index),
                     Some(_) => return (Response::Kv(false), Vec::new()),
-                    None => (Some(s.clone()), lock_index + 1),
+                    None => {
+                        lock_delay = None;
+                        (Some(s.clone()), lock_index + 1)
+                    }
                 }
             }
             Some(KvLock::Release(s)) => match holder {
@@ -234,6 +254,7 @@ impl Registry {
             modify_index: index,
             lock_index,
             session,
+            lock_delay,
         };
         self.kv.insert(op.key.clone(), Box::new(entry));
         (Response::Kv(true), vec![StateKey::Kv(op.key.clone())])
@@ -316,6 +337,10 @@ impl Registry {
                     if let Some(e) = self.kv.get_mut(&k) {
                         e.session = None;
                         e.modify_index = index;
+                        e.lock_delay = (s.lock_delay_ns > 0).then_some(LockDelay {
+                            released_at: index,
+                            delay_ns: s.lock_delay_ns,
+                        });
                     }
                 }
             }

@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 
 pub use duration::{parse_duration, DurationError};
 pub use health::{Check, CheckKind, CheckUpdate, HealthStatus, NodeCheck, NODE_CHECK_ID};
-pub use kv::{Behavior, Kind, KvEntry, KvLock, KvSet, Session, MAX_VALUE_BYTES};
+pub use kv::{Behavior, Kind, KvEntry, KvLock, KvSet, LockDelay, Session, MAX_VALUE_BYTES};
 pub use meta::Meta;
 pub use validate::{validate_check, validate_service, ValidationError};
 
