@@ -207,12 +207,19 @@ impl Hub {
 
     /// The events after `since`, or a gap if some of them are no longer kept.
     pub fn since(&self, since: u64) -> Since {
+        self.since_at_most(since, usize::MAX)
+    }
+
+    /// Like `since`, but at most the `max` oldest of those events: a stream
+    /// that pulls in small batches holds (and keeps alive past eviction) only
+    /// a batch, however far behind it is.
+    pub fn since_at_most(&self, since: u64, max: usize) -> Since {
         let ring = lock(&self.ring);
         if since < ring.floor {
             return Since::Gap { floor: ring.floor };
         }
         let start = ring.events.partition_point(|e| e.index <= since);
-        Since::Events(ring.events.range(start..).cloned().collect())
+        Since::Events(ring.events.range(start..).take(max).cloned().collect())
     }
 
     /// Waits until any of `kinds` changes past `index`, `deadline` passes
@@ -300,6 +307,10 @@ mod tests {
         };
         assert_eq!(ev.iter().map(|e| e.index).collect::<Vec<_>>(), vec![8, 9]);
         assert!(matches!(hub.since(4), Since::Gap { floor: 5 }));
+        let Since::Events(ev) = hub.since_at_most(6, 2) else {
+            panic!("no gap expected");
+        };
+        assert_eq!(ev.iter().map(|e| e.index).collect::<Vec<_>>(), vec![7, 8]);
         hub.reset(20);
         assert!(matches!(hub.since(9), Since::Gap { floor: 20 }));
         assert_eq!(hub.index(&[Kind::Nodes]), 20);
