@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use common::{Cluster, WAIT};
 use rs_consul::{
-    ConsistencyMode, Consul, ConsulError, CreateOrUpdateKeyRequest, GetServiceNodesRequest,
-    LockRequest, QueryOptions, ReadKeyRequest,
+    ConsistencyMode, Consul, ConsulError, CreateOrUpdateKeyRequest, DeleteKeyRequest,
+    GetServiceNodesRequest, LockRequest, QueryOptions, ReadKeyRequest,
 };
 use serde_json::{json, Value};
 
@@ -332,6 +332,54 @@ async fn cas_increments_under_contention_through_every_node() -> Result<()> {
             ATTEMPTS * 6
         );
         eprintln!("{total} of {} CAS increments won", ATTEMPTS * 6);
+        // Deletes through rs-consul: a stale ?cas refuses, the current one removes the key,
+        // and a blocked reader on another node sees it go (404 with a higher index).
+        let (e, index) = get(
+            &consul(&c, 1)?,
+            "counter",
+            ConsistencyMode::Default,
+            None,
+            Duration::ZERO,
+        )
+        .await?;
+        let n2 = consul(&c, 2)?;
+        let stale = DeleteKeyRequest {
+            key: "counter",
+            check_and_set: u32::try_from(e.modify_index - 1)?,
+            ..Default::default()
+        };
+        ensure!(
+            !n2.delete_key(stale).await?,
+            "delete with a stale cas succeeded"
+        );
+        let blocked = {
+            let url = c.url(3, &format!("/v1/kv/counter?index={index}&wait=20s"))?;
+            let http = c.client().clone();
+            tokio::spawn(async move { http.get(url).send().await })
+        };
+        let current = DeleteKeyRequest {
+            key: "counter",
+            check_and_set: u32::try_from(e.modify_index)?,
+            ..Default::default()
+        };
+        ensure!(
+            n2.delete_key(current).await?,
+            "delete with the current cas refused"
+        );
+        let woke = tokio::time::timeout(Duration::from_secs(10), blocked)
+            .await
+            .context("the blocked read did not wake on the delete")???;
+        ensure!(woke.status() == 404, "after the delete: {}", woke.status());
+        let woke_index: u64 = woke
+            .headers()
+            .get("x-consul-index")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .context("X-Consul-Index on the 404")?;
+        ensure!(
+            woke_index > index,
+            "404 at index {woke_index}, asked {index}"
+        );
         Ok(())
     }
     .await;

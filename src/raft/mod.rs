@@ -142,6 +142,22 @@ pub struct RaftNode {
     discovery: Discovery,
     /// Batches this node's proposals while it leads.
     proposer: proposer::Proposer,
+    /// Read barriers waiting for the next read-index fetch.
+    reads: ReadBatch,
+}
+
+/// Group commit for read barriers: every `linearize` waiting when a fetch
+/// starts is served by that one fetch (a forwarded call on a follower, a
+/// quorum round on the leader). Why: a write wakes every blocking query on
+/// a node at once, and a thousand of them re-issuing with a read barrier
+/// each was a thousand leader round trips. A fetch that started before a
+/// caller arrived never serves it: its index might miss a write
+/// acknowledged in between.
+#[derive(Default)]
+struct ReadBatch {
+    queue: std::sync::Mutex<Vec<tokio::sync::oneshot::Sender<Result<u64, ClusterError>>>>,
+    /// Held by the caller running the current fetch.
+    fetching: tokio::sync::Mutex<()>,
 }
 
 /// Paths of the internal calls on the peer listener.
@@ -251,6 +267,7 @@ impl RaftNode {
             timing,
             discovery,
             proposer,
+            reads: ReadBatch::default(),
         }
     }
 
@@ -436,12 +453,47 @@ impl RaftNode {
     /// A linearizable read barrier: when it returns `Ok`, the local applied
     /// state includes every write acknowledged before the call began.
     pub async fn linearize(&self) -> Result<(), ClusterError> {
-        let index = self
-            .on_leader(PATH_READ_INDEX, &(), self.timing.leader_wait, || {
-                self.read_index_local()
-            })
-            .await?;
+        let index = self.read_index_batched().await?;
         self.wait_applied(index).await
+    }
+
+    /// The read index, from a fetch that started after this call did,
+    /// shared with every caller queued when it started (see `ReadBatch`).
+    async fn read_index_batched(&self) -> Result<u64, ClusterError> {
+        let queue = || self.reads.queue.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            let (tx, mut rx) = tokio::sync::oneshot::channel();
+            queue().push(tx);
+            let answer = loop {
+                tokio::select! {
+                    biased;
+                    r = &mut rx => break r,
+                    guard = self.reads.fetching.lock() => {
+                        // Whoever takes the lock serves everyone queued now,
+                        // itself included unless an earlier fetch took it (then
+                        // `rx` is already answered, or dropped if that fetch's
+                        // caller went away).
+                        let waiters = std::mem::take(&mut *queue());
+                        if !waiters.is_empty() {
+                            let r = self
+                                .on_leader(PATH_READ_INDEX, &(), self.timing.leader_wait, || {
+                                    self.read_index_local()
+                                })
+                                .await;
+                            for w in waiters {
+                                let _ = w.send(r.clone());
+                            }
+                        }
+                        drop(guard);
+                    }
+                }
+            };
+            match answer {
+                Ok(r) => return r,
+                // The fetch serving us was cancelled: queue again.
+                Err(_) => continue,
+            }
+        }
     }
 
     /// Members as the leader sees them (with matched indexes), from any node.
