@@ -2,13 +2,16 @@
 //! read consistency and the `X-Consul-*` headers.
 //!
 //! Owns routing, the per-request tracing span, the request bounds (body
-//! size, in-flight count, duration) and the read
-//! path (`read`): default and `?consistent` reads pass `RaftNode::linearize`
-//! first; `?stale` answers from the local applied state. Does not own state
-//! or decide anything: writes go to `RaftNode::write`.
+//! size, in-flight count, duration; blocking queries have their own budget)
+//! and the read path (`settle`, `read`): default and `?consistent` reads
+//! pass `RaftNode::linearize` first; `?stale` answers from the local applied
+//! state; `?index=N` then waits on the watch hub until a kind of state the
+//! answer reads changes past N. Does not own state or decide anything:
+//! writes go to `RaftNode::write`.
 //!
 //! Invariant: every answer that carries registry data carries
-//! `X-Consul-Index` (the applied index it was read at, at least 1),
+//! `X-Consul-Index` (the index of the last change to the kinds it reads,
+//! taken before the data, at least 1, never decreasing on a node),
 //! `X-Consul-KnownLeader` and `X-Consul-LastContact`.
 
 pub mod body;

@@ -704,6 +704,43 @@ mod tests {
     }
 
     #[test]
+    fn sessions_get_one_ttl_from_first_sighting_and_renewals_extend_it() {
+        let mut reg = reg_with_ttl(true);
+        for (i, id) in ["s1", "s2"].iter().enumerate() {
+            reg.apply(
+                10 + i as u64,
+                &Command::SessionCreate(crate::registry::Session {
+                    id: id.to_string(),
+                    name: String::new(),
+                    node: 2,
+                    behavior: crate::registry::Behavior::Release,
+                    ttl: "10s".into(),
+                    lock_delay_ns: 0,
+                    create_index: 0,
+                    modify_index: 0,
+                }),
+            );
+        }
+        let t0 = Instant::now();
+        let mut lead = leadership(t0);
+        let heard = |_| Some(t0 + Duration::from_secs(60));
+        let at = |s| t0 + Duration::from_secs(s);
+        // First sighting (a takeover): one full TTL from then.
+        assert!(decide(&reg, &mut lead, t0, 1, heard, FAIL)
+            .expire_sessions
+            .is_empty());
+        assert!(decide(&reg, &mut lead, at(9), 1, heard, FAIL)
+            .expire_sessions
+            .is_empty());
+        // s2 renewed at 5 s: its TTL runs from then.
+        lead.sessions.insert("s2".into(), at(15));
+        let d = decide(&reg, &mut lead, at(11), 1, heard, FAIL);
+        assert_eq!(d.expire_sessions, vec!["s1".to_string()]);
+        let d = decide(&reg, &mut lead, at(16), 1, heard, FAIL);
+        assert_eq!(d.expire_sessions.len(), 2);
+    }
+
+    #[test]
     fn dcsa_counts_from_the_first_critical_sighting() {
         let reg = reg_with_ttl(false);
         let t0 = Instant::now();
