@@ -30,22 +30,26 @@
 //!
 //! Servers listen on loopback only. Every process is started by this program and killed by pid
 //! (`Child::kill`) when done, when the program unwinds, or on Ctrl-C.
+//!
+//! Owns the heartbeat load, its phases and the report; the cluster, the process guards, the
+//! `/proc` readings and the formatting helpers are `common`, shared with the `watch` bench.
+
+mod common;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, ensure, Context, Result};
-use serde_json::Value;
-use tempfile::TempDir;
+use anyhow::{anyhow, ensure, Context, Result};
 use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio::sync::Mutex;
 
-/// One loopback address per node, so nodes look like distinct hosts.
-const IPS: [&str; 3] = ["127.0.0.1", "127.0.0.2", "127.0.0.3"];
+use common::{
+    cpu_pct, cpu_snap, env_flag, env_num, http_client, machine, mib, ms, pct_ms, poll_until,
+    progress, raftmesh_bin, rss_kib, Cluster, WAIT,
+};
+
 /// TTL of every check; the default steady rate beats each check every third of it.
 const TTL: &str = "30s";
 /// Clients of the register, warm-up and max phases, and of the paced steady phase.
@@ -53,26 +57,16 @@ const BURST_CLIENTS: usize = 64;
 const PACED_CLIENTS: usize = 32;
 /// Period of the steady phase's ticker; each tick releases the heartbeats that came due.
 const TICK: Duration = Duration::from_millis(5);
-/// Deadline of the condition waits (addrs.json, leader, all passing, quiet index).
-const WAIT: Duration = Duration::from_secs(60);
-const POLL: Duration = Duration::from_millis(50);
 /// How long the leader's commit index must hold still before a heartbeat phase.
 const QUIET: Duration = Duration::from_secs(1);
 /// Timeout of status and stats requests.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(3);
-/// Timeout of a load request (above the server's 5 s write timeout plus forwarding) and of
-/// one poll probe.
+/// Timeout of a load request: above the server's 5 s write timeout plus forwarding.
 const LOAD_TIMEOUT: Duration = Duration::from_secs(10);
-/// Linux USER_HZ; /proc CPU times are in these ticks.
-const CLK_TCK: f64 = 100.0;
-
-static START: LazyLock<Instant> = LazyLock::new(Instant::now);
-
-macro_rules! progress {
-    ($($arg:tt)*) => {
-        eprintln!("[health {:>7.1}s] {}", START.elapsed().as_secs_f64(), format!($($arg)*))
-    };
-}
+/// Connect timeout of every client.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Idle connections each client keeps per node.
+const IDLE_PER_HOST: usize = 4;
 
 // ------------------------------------------------------------------------------------ knobs
 
@@ -86,19 +80,6 @@ struct Knobs {
     extra_args: Vec<String>,
     profile: String,
     keep: bool,
-}
-
-fn env_num<T: std::str::FromStr>(name: &str) -> Result<Option<T>> {
-    match std::env::var(name) {
-        Ok(v) if !v.trim().is_empty() => {
-            (v.trim().parse().map(Some)).map_err(|_| anyhow!("{name}={v:?} is not a valid number"))
-        }
-        _ => Ok(None),
-    }
-}
-
-fn env_flag(name: &str) -> bool {
-    std::env::var(name).is_ok_and(|v| v.trim() == "1")
 }
 
 impl Knobs {
@@ -124,243 +105,10 @@ impl Knobs {
     }
 }
 
-// ---------------------------------------------------------------------------------- processes
-
-/// A child process that is killed (by pid, SIGKILL) and reaped when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        // Fails only if already reaped; wait() then reports the stored status.
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Last `n` lines of a log file, for error messages.
-fn tail(path: &Path, n: usize) -> String {
-    let text = std::fs::read(path).unwrap_or_default();
-    let text = String::from_utf8_lossy(&text);
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-/// Polls `probe` until it yields `Some`, failing after `deadline` with the last message.
-async fn poll_until<T>(
-    deadline: Duration,
-    what: &str,
-    mut probe: impl AsyncFnMut() -> Result<Option<T>>,
-) -> Result<T> {
-    let start = Instant::now();
-    loop {
-        let last = match tokio::time::timeout(LOAD_TIMEOUT, probe()).await {
-            Ok(Ok(Some(v))) => return Ok(v),
-            Ok(Ok(None)) => "condition not met yet".to_string(),
-            Ok(Err(e)) => format!("{e:#}"),
-            Err(_) => "probe timed out".to_string(),
-        };
-        if start.elapsed() >= deadline {
-            bail!("timed out after {deadline:?} waiting for {what}; last: {last}");
-        }
-        tokio::time::sleep(POLL).await;
-    }
-}
-
-fn http_client(timeout: Duration) -> Result<reqwest::Client> {
-    reqwest::Client::builder()
-        .timeout(timeout)
-        .connect_timeout(Duration::from_secs(2))
-        .tcp_nodelay(true)
-        .pool_max_idle_per_host(4)
-        .no_proxy()
-        .build()
-        .context("build HTTP client")
-}
-
-/// The raftmesh binary: built with `cargo build --profile <BENCH_PROFILE>`, or for `release`
-/// the one cargo built for this bench.
-fn raftmesh_bin(profile: &str) -> Result<PathBuf> {
-    if profile == "release" {
-        // Cargo sets CARGO_BIN_EXE_<name> for benches, built with the bench (release) profile.
-        let p = option_env!("CARGO_BIN_EXE_raftmesh").context("run through `cargo bench`")?;
-        return Ok(PathBuf::from(p));
-    }
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    progress!("building raftmesh with `cargo build --profile {profile}`");
-    let st = Command::new(cargo)
-        .args(["build", "--profile", profile, "--bin", "raftmesh"])
-        .current_dir(&root)
-        .status()
-        .context("running cargo build")?;
-    ensure!(st.success(), "cargo build --profile {profile} failed: {st}");
-    let target =
-        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
-    let p = target.join(profile).join("raftmesh");
-    ensure!(p.exists(), "{} missing after the build", p.display());
-    Ok(p)
-}
-
-// ------------------------------------------------------------------------------- measurements
-
-fn rss_kib(pid: u32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = s.lines().find_map(|l| l.strip_prefix("VmRSS:"))?;
-    line.split_whitespace().next()?.parse().ok()
-}
-
-/// utime + stime of a process (`"self"` or a pid), in ticks.
-fn proc_ticks(pid: &str) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the parenthesized command name; utime and stime are fields 14 and 15.
-    let f: Vec<&str> = s[s.rfind(')')? + 2..].split_whitespace().collect();
-    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
-}
-
-/// Machine-wide steal ticks (the hypervisor ran someone else) from `/proc/stat`.
-fn steal_ticks() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/stat").ok()?;
-    s.lines().next()?.split_whitespace().nth(8)?.parse().ok()
-}
-
-/// CPU ticks now: each node in order, then this benchmark, then the machine's steal.
-fn cpu_snap(pids: &[u32]) -> (Instant, Vec<Option<u64>>) {
-    let mut v: Vec<Option<u64>> = pids.iter().map(|p| proc_ticks(&p.to_string())).collect();
-    v.extend([proc_ticks("self"), steal_ticks()]);
-    (Instant::now(), v)
-}
-
-/// % of one core between two snapshots, element by element.
-fn cpu_pct(a: &(Instant, Vec<Option<u64>>), b: &(Instant, Vec<Option<u64>>)) -> Vec<Option<f64>> {
-    let secs = b.0.duration_since(a.0).as_secs_f64().max(1e-3);
-    let pct = |x: Option<u64>, y: Option<u64>| {
-        Some(y?.saturating_sub(x?) as f64 / CLK_TCK / secs * 100.0)
-    };
-    a.1.iter().zip(&b.1).map(|(x, y)| pct(*x, *y)).collect()
-}
-
-/// The `q` quantile of sorted microseconds, in ms.
-fn pct_ms(sorted_us: &[u64], q: f64) -> Option<f64> {
-    let n = sorted_us.len();
-    let i = ((q * n as f64).ceil() as usize).clamp(1, n.max(1)) - 1;
-    Some(*sorted_us.get(i)? as f64 / 1000.0)
-}
-
 // ---------------------------------------------------------------------------------- cluster
 
-struct Node {
-    /// Holds the data dir and `node.log`; removed on drop unless `BENCH_KEEP=1`.
-    _dir: TempDir,
-    log: PathBuf,
-    api: String,
-    proc: Proc,
-}
-
-struct Cluster {
-    nodes: Vec<Node>,
-    /// Control-plane client (status, stats); load clients are separate, one per worker.
-    http: reqwest::Client,
-}
-
+/// The health bench's requests to the cluster, on top of the shared harness's.
 impl Cluster {
-    /// Node 1 expects 3, node 2 joins 1, node 3 joins 1 and 2; each on port 0 of its own IP.
-    async fn start(bin: &Path, knobs: &Knobs) -> Result<Self> {
-        let mut nodes: Vec<Node> = Vec::new();
-        for (i, ip) in IPS.iter().enumerate() {
-            let id = i + 1;
-            let dir = (tempfile::Builder::new().prefix(&format!("raftmesh-health-n{id}-")))
-                .disable_cleanup(knobs.keep)
-                .tempdir()
-                .context("create temp dir")?;
-            if knobs.keep {
-                progress!("keeping {}", dir.path().display());
-            }
-            let data = dir.path().join("data");
-            std::fs::create_dir_all(&data)?;
-            let flags = format!(
-                "agent --id {id} --name node{id} --api-addr {ip}:0 --peer-addr {ip}:0 \
-                 --bootstrap-expect 3"
-            );
-            let mut args: Vec<String> = flags.split_whitespace().map(String::from).collect();
-            args.extend(["--data-dir".into(), data.display().to_string()]);
-            if !nodes.is_empty() {
-                let join: Vec<&str> = nodes.iter().map(|n| n.api.as_str()).collect();
-                args.extend(["--join".into(), join.join(",")]);
-            }
-            args.extend(knobs.extra_args.iter().cloned());
-            let log = dir.path().join("node.log");
-            let out =
-                std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
-            let child = Command::new(bin)
-                .args(&args)
-                .stdin(Stdio::null())
-                .stdout(Stdio::from(out.try_clone()?))
-                .stderr(Stdio::from(out))
-                .spawn()
-                .with_context(|| format!("spawn {}", bin.display()))?;
-            let mut proc = Proc(child);
-            let pid = proc.0.id();
-            let addrs_path = data.join("addrs.json");
-            let addrs: Value = poll_until(WAIT, &format!("node{id} addrs.json"), async || {
-                if let Some(st) = proc.0.try_wait()? {
-                    bail!("node{id} exited ({st}); log tail:\n{}", tail(&log, 30));
-                }
-                let Ok(raw) = std::fs::read_to_string(&addrs_path) else {
-                    return Ok(None);
-                };
-                let v: Value = serde_json::from_str(&raw).context("parse addrs.json")?;
-                Ok((v["pid"].as_u64() == Some(u64::from(pid))).then_some(v))
-            })
-            .await?;
-            let api = addrs["api_addr"].as_str().context("no api_addr")?;
-            progress!("node{id} pid {pid} api {api}");
-            let (_dir, api) = (dir, api.to_string());
-            nodes.push(Node {
-                _dir,
-                log,
-                api,
-                proc,
-            });
-        }
-        let http = http_client(CONTROL_TIMEOUT)?;
-        Ok(Cluster { nodes, http })
-    }
-
-    fn pids(&self) -> Vec<u32> {
-        self.nodes.iter().map(|n| n.proc.0.id()).collect()
-    }
-
-    async fn get_json(&self, node: usize, path: &str, client: &reqwest::Client) -> Result<Value> {
-        let url = format!("http://{}{path}", self.nodes[node].api);
-        let r = client.get(&url).send().await;
-        let r = r.with_context(|| format!("GET {url}"))?;
-        ensure!(r.status().is_success(), "GET {url}: {}", r.status());
-        r.json().await.with_context(|| format!("GET {url}: body"))
-    }
-
-    async fn status(&self, node: usize) -> Result<Value> {
-        self.get_json(node, "/v1/cluster/status", &self.http).await
-    }
-
-    /// Waits until every node names the same leader, which reports role leader; its index.
-    async fn wait_leader(&self) -> Result<usize> {
-        poll_until(WAIT, "an agreed leader", async || {
-            let mut named = Vec::new();
-            for i in 0..self.nodes.len() {
-                named.push(self.status(i).await?["leader_id"].as_u64());
-            }
-            let Some(Some(l)) = named.first().copied() else {
-                return Ok(None);
-            };
-            if named.iter().any(|n| *n != Some(l)) || !(1..=named.len() as u64).contains(&l) {
-                return Ok(None);
-            }
-            let i = l as usize - 1;
-            Ok((self.status(i).await?["role"] == "leader").then_some(i))
-        })
-        .await
-    }
-
     /// The leader's (commit_index, term).
     async fn index_term(&self, leader: usize) -> Result<(u64, u64)> {
         let s = self.status(leader).await?;
@@ -390,26 +138,6 @@ impl Cluster {
         })
         .await;
         Ok(quiet.is_ok())
-    }
-
-    fn logs_tail(&self) -> String {
-        let mut s = String::new();
-        for (i, n) in self.nodes.iter().enumerate() {
-            let _ = writeln!(s, "--- node{} log tail ---\n{}", i + 1, tail(&n.log, 20));
-        }
-        s
-    }
-
-    /// WARN and ERROR lines in each node's log so far.
-    fn log_warnings(&self) -> Vec<usize> {
-        let count = |n: &Node| {
-            let text = std::fs::read(&n.log).unwrap_or_default();
-            let text = String::from_utf8_lossy(&text);
-            text.lines()
-                .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
-                .count()
-        };
-        self.nodes.iter().map(count).collect()
     }
 }
 
@@ -551,7 +279,7 @@ async fn drive(
     let producer = tokio::spawn(produce(tx, pace));
     let mut tasks = Vec::new();
     for _ in 0..clients {
-        let client = http_client(LOAD_TIMEOUT)?;
+        let client = http_client(Some(LOAD_TIMEOUT), CONNECT_TIMEOUT, IDLE_PER_HOST)?;
         let (rx, apis) = (rx.clone(), apis.to_vec());
         tasks.push(tokio::spawn(async move {
             let mut lat: Vec<(usize, u64)> = Vec::new();
@@ -642,10 +370,10 @@ async fn phase(
     progress!("{name}: {clients} clients, leader node{}", leader + 1);
     let before = c.index_term(leader).await?;
     let pids = c.pids();
-    let snap = cpu_snap(&pids);
+    let snap = cpu_snap(&pids, true);
     let apis: Vec<String> = c.nodes.iter().map(|n| n.api.clone()).collect();
     let out = drive(&apis, knobs.instances, op, clients, pace).await?;
-    let cpu = cpu_pct(&snap, &cpu_snap(&pids));
+    let cpu = cpu_pct(&snap, &cpu_snap(&pids, true));
     let leader_rss_kib = rss_kib(pids[leader]);
     if warm_up {
         let t0 = Instant::now();
@@ -678,14 +406,6 @@ async fn phase(
 }
 
 // ---------------------------------------------------------------------------------- report
-
-fn ms(v: Option<f64>) -> String {
-    match v {
-        None => "-".into(),
-        Some(v) if v < 10.0 => format!("{v:.2}"),
-        Some(v) => format!("{v:.1}"),
-    }
-}
 
 fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
     v.map_or("-".into(), |v| v.to_string())
@@ -730,9 +450,7 @@ fn table_row(r: &Row) -> String {
         pct[..nodes].join("/"),
         pct[nodes],
         pct[nodes + 1],
-        opt(r
-            .leader_rss_kib
-            .map(|k| format!("{:.1}", k as f64 / 1024.0))),
+        mib(r.leader_rss_kib),
         r.before.0,
         r.after.0,
         r.after.0 as i64 - r.before.0 as i64,
@@ -741,9 +459,7 @@ fn table_row(r: &Row) -> String {
 }
 
 fn render(rows: &[Row], knobs: &Knobs, notes: &[String]) -> String {
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let load: Vec<&str> = load.split_whitespace().take(3).collect();
+    let (cores, load) = machine();
     let extra = match knobs.extra_args.is_empty() {
         true => String::new(),
         false => format!(", extra flags `{}`", knobs.extra_args.join(" ")),
@@ -760,7 +476,7 @@ fn render(rows: &[Row], knobs: &Knobs, notes: &[String]) -> String {
         knobs.instances as f64 / knobs.rate,
         knobs.secs.as_secs_f64(),
         if knobs.quick { " (quick)" } else { "" },
-        load.join(" "),
+        load,
     );
     for r in rows {
         let _ = writeln!(s, "{}", table_row(r));
@@ -779,11 +495,12 @@ fn render(rows: &[Row], knobs: &Knobs, notes: &[String]) -> String {
 }
 
 async fn run() -> Result<()> {
-    LazyLock::force(&START);
+    LazyLock::force(&common::START);
     let knobs = Knobs::from_env()?;
     progress!("knobs: {knobs:?}");
     let bin = raftmesh_bin(&knobs.profile)?;
-    let c = Cluster::start(&bin, &knobs).await?;
+    let http = http_client(Some(CONTROL_TIMEOUT), CONNECT_TIMEOUT, IDLE_PER_HOST)?;
+    let c = Cluster::start(&bin, &knobs.extra_args, knobs.keep, http).await?;
     progress!("cluster formed, leader node{}", c.wait_leader().await? + 1);
     let mut notes = vec![format!("Binary: {}.", bin.display())];
     let (n, secs, rate) = (knobs.instances, knobs.secs, knobs.rate);

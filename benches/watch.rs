@@ -35,48 +35,44 @@
 //!
 //! Servers listen on loopback only. Every process is started by this program and killed by pid
 //! (`Child::kill`) when done, when the program unwinds, or on Ctrl-C.
+//!
+//! Owns the waiters, the writes, the rounds and the report; the cluster, the process guards,
+//! the `/proc` readings and the formatting helpers are `common`, shared with the `health` bench.
+
+mod common;
 
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use serde_json::Value;
-use tempfile::TempDir;
 use tokio::sync::{Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-/// One loopback address per node, so nodes look like distinct hosts.
-const IPS: [&str; 3] = ["127.0.0.1", "127.0.0.2", "127.0.0.3"];
+use common::{
+    cpu_pct, cpu_snap, env_flag, env_num, http_client, machine, mib, ms, pct_ms, progress,
+    raftmesh_bin, rss_kib, Cluster, WAIT,
+};
+
 /// The node the waiters sit on (index into the cluster) and the one writes go through.
 const WATCHED: usize = 2;
 const WRITER: usize = 0;
-/// Deadline of the condition waits (addrs.json, leader, waiters armed, a write seen by all).
-const WAIT: Duration = Duration::from_secs(60);
-const POLL: Duration = Duration::from_millis(50);
 /// Timeout of control requests and writes.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Timeout of a blocking query: its 5 min wait plus jitter and slack.
 const BLOCKING_TIMEOUT: Duration = Duration::from_secs(6 * 60);
+/// Connect timeout of every client.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Idle connections the control client keeps per node.
+const CONTROL_IDLE: usize = 4;
 /// Waiters connecting at once while the waiters are set up (keeps the accept backlog short).
 const CONNECTING: usize = 100;
 /// A failed blocking query is retried after this, doubling up to `BACKOFF_MAX` (a client that
 /// retried at once would turn an overloaded node into a collapsed one).
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(20);
-/// Linux USER_HZ; /proc CPU times are in these ticks.
-const CLK_TCK: f64 = 100.0;
-
-static START: LazyLock<Instant> = LazyLock::new(Instant::now);
-
-macro_rules! progress {
-    ($($arg:tt)*) => {
-        eprintln!("[watch {:>7.1}s] {}", START.elapsed().as_secs_f64(), format!($($arg)*))
-    };
-}
 
 // ------------------------------------------------------------------------------------ knobs
 
@@ -91,19 +87,6 @@ struct Knobs {
     extra_args: Vec<String>,
     profile: String,
     keep: bool,
-}
-
-fn env_num<T: std::str::FromStr>(name: &str) -> Result<Option<T>> {
-    match std::env::var(name) {
-        Ok(v) if !v.trim().is_empty() => {
-            (v.trim().parse().map(Some)).map_err(|_| anyhow!("{name}={v:?} is not a valid number"))
-        }
-        _ => Ok(None),
-    }
-}
-
-fn env_flag(name: &str) -> bool {
-    std::env::var(name).is_ok_and(|v| v.trim() == "1")
 }
 
 impl Knobs {
@@ -200,246 +183,10 @@ impl Plan {
     }
 }
 
-// ---------------------------------------------------------------------------------- processes
-
-/// A child process that is killed (by pid, SIGKILL) and reaped when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        // Fails only if already reaped; wait() then reports the stored status.
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Last `n` lines of a log file, for error messages.
-fn tail(path: &Path, n: usize) -> String {
-    let text = std::fs::read(path).unwrap_or_default();
-    let text = String::from_utf8_lossy(&text);
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-/// Polls `probe` until it yields `Some`, failing after `deadline` with the last message.
-async fn poll_until<T>(
-    deadline: Duration,
-    what: &str,
-    mut probe: impl AsyncFnMut() -> Result<Option<T>>,
-) -> Result<T> {
-    let start = Instant::now();
-    loop {
-        let last = match tokio::time::timeout(CONTROL_TIMEOUT, probe()).await {
-            Ok(Ok(Some(v))) => return Ok(v),
-            Ok(Ok(None)) => "condition not met yet".to_string(),
-            Ok(Err(e)) => format!("{e:#}"),
-            Err(_) => "probe timed out".to_string(),
-        };
-        if start.elapsed() >= deadline {
-            bail!("timed out after {deadline:?} waiting for {what}; last: {last}");
-        }
-        tokio::time::sleep(POLL).await;
-    }
-}
-
-/// An HTTP client; `None` timeout for streams, which stay open.
-fn http_client(timeout: Option<Duration>, idle: usize) -> Result<reqwest::Client> {
-    let mut b = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
-        .pool_max_idle_per_host(idle)
-        .no_proxy();
-    if let Some(t) = timeout {
-        b = b.timeout(t);
-    }
-    b.build().context("build HTTP client")
-}
-
-/// The raftmesh binary: for `release` the one cargo built for this bench, else built with
-/// `cargo build --profile <profile>`.
-fn raftmesh_bin(profile: &str) -> Result<PathBuf> {
-    if profile == "release" {
-        // Cargo sets CARGO_BIN_EXE_<name> for benches, built with the bench (release) profile.
-        let p = option_env!("CARGO_BIN_EXE_raftmesh").context("run through `cargo bench`")?;
-        return Ok(PathBuf::from(p));
-    }
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    progress!("building raftmesh with `cargo build --profile {profile}`");
-    let st = Command::new(cargo)
-        .args(["build", "--profile", profile, "--bin", "raftmesh"])
-        .current_dir(&root)
-        .status()
-        .context("running cargo build")?;
-    ensure!(st.success(), "cargo build --profile {profile} failed: {st}");
-    let target =
-        std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
-    let p = target.join(profile).join("raftmesh");
-    ensure!(p.exists(), "{} missing after the build", p.display());
-    Ok(p)
-}
-
-// ------------------------------------------------------------------------------- measurements
-
-fn rss_kib(pid: u32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = s.lines().find_map(|l| l.strip_prefix("VmRSS:"))?;
-    line.split_whitespace().next()?.parse().ok()
-}
-
-/// utime + stime of a process (`"self"` or a pid), in ticks.
-fn proc_ticks(pid: &str) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the parenthesized command name; utime and stime are fields 14 and 15.
-    let f: Vec<&str> = s[s.rfind(')')? + 2..].split_whitespace().collect();
-    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
-}
-
-/// CPU ticks now: each node in order, then this benchmark.
-fn cpu_snap(pids: &[u32]) -> (Instant, Vec<Option<u64>>) {
-    let mut v: Vec<Option<u64>> = pids.iter().map(|p| proc_ticks(&p.to_string())).collect();
-    v.push(proc_ticks("self"));
-    (Instant::now(), v)
-}
-
-/// % of one core between two snapshots, element by element.
-fn cpu_pct(a: &(Instant, Vec<Option<u64>>), b: &(Instant, Vec<Option<u64>>)) -> Vec<Option<f64>> {
-    let secs = b.0.duration_since(a.0).as_secs_f64().max(1e-3);
-    let pct = |x: Option<u64>, y: Option<u64>| {
-        Some(y?.saturating_sub(x?) as f64 / CLK_TCK / secs * 100.0)
-    };
-    a.1.iter().zip(&b.1).map(|(x, y)| pct(*x, *y)).collect()
-}
-
-/// The `q` quantile of sorted microseconds, in ms.
-fn pct_ms(sorted_us: &[u64], q: f64) -> Option<f64> {
-    let n = sorted_us.len();
-    let i = ((q * n as f64).ceil() as usize).clamp(1, n.max(1)) - 1;
-    Some(*sorted_us.get(i)? as f64 / 1000.0)
-}
-
-fn mib(kib: Option<u64>) -> String {
-    kib.map_or("-".into(), |k| format!("{:.1}", k as f64 / 1024.0))
-}
-
-fn ms(v: Option<f64>) -> String {
-    match v {
-        None => "-".into(),
-        Some(v) if v < 10.0 => format!("{v:.2}"),
-        Some(v) => format!("{v:.1}"),
-    }
-}
-
 // ---------------------------------------------------------------------------------- cluster
 
-struct Node {
-    /// Holds the data dir and `node.log`; removed on drop unless `BENCH_KEEP=1`.
-    _dir: TempDir,
-    log: PathBuf,
-    api: String,
-    proc: Proc,
-}
-
-struct Cluster {
-    nodes: Vec<Node>,
-    http: reqwest::Client,
-}
-
+/// The watch bench's writes, on top of the shared harness's requests.
 impl Cluster {
-    /// Node 1 expects 3, node 2 joins 1, node 3 joins 1 and 2; each on port 0 of its own IP.
-    async fn start(bin: &Path, knobs: &Knobs) -> Result<Self> {
-        let mut nodes: Vec<Node> = Vec::new();
-        for (i, ip) in IPS.iter().enumerate() {
-            let id = i + 1;
-            let dir = (tempfile::Builder::new().prefix(&format!("raftmesh-watch-n{id}-")))
-                .disable_cleanup(knobs.keep)
-                .tempdir()
-                .context("create temp dir")?;
-            if knobs.keep {
-                progress!("keeping {}", dir.path().display());
-            }
-            let data = dir.path().join("data");
-            std::fs::create_dir_all(&data)?;
-            let flags = format!(
-                "agent --id {id} --name node{id} --api-addr {ip}:0 --peer-addr {ip}:0 \
-                 --bootstrap-expect 3"
-            );
-            let mut args: Vec<String> = flags.split_whitespace().map(String::from).collect();
-            args.extend(["--data-dir".into(), data.display().to_string()]);
-            if !nodes.is_empty() {
-                let join: Vec<&str> = nodes.iter().map(|n| n.api.as_str()).collect();
-                args.extend(["--join".into(), join.join(",")]);
-            }
-            args.extend(knobs.extra_args.iter().cloned());
-            let log = dir.path().join("node.log");
-            let out =
-                std::fs::File::create(&log).with_context(|| format!("create {}", log.display()))?;
-            let child = Command::new(bin)
-                .args(&args)
-                .stdin(Stdio::null())
-                .stdout(Stdio::from(out.try_clone()?))
-                .stderr(Stdio::from(out))
-                .spawn()
-                .with_context(|| format!("spawn {}", bin.display()))?;
-            let mut proc = Proc(child);
-            let pid = proc.0.id();
-            let addrs_path = data.join("addrs.json");
-            let addrs: Value = poll_until(WAIT, &format!("node{id} addrs.json"), async || {
-                if let Some(st) = proc.0.try_wait()? {
-                    bail!("node{id} exited ({st}); log tail:\n{}", tail(&log, 30));
-                }
-                let Ok(raw) = std::fs::read_to_string(&addrs_path) else {
-                    return Ok(None);
-                };
-                let v: Value = serde_json::from_str(&raw).context("parse addrs.json")?;
-                Ok((v["pid"].as_u64() == Some(u64::from(pid))).then_some(v))
-            })
-            .await?;
-            let api = addrs["api_addr"].as_str().context("no api_addr")?;
-            progress!("node{id} pid {pid} api {api}");
-            let (_dir, api) = (dir, api.to_string());
-            nodes.push(Node {
-                _dir,
-                log,
-                api,
-                proc,
-            });
-        }
-        let http = http_client(Some(CONTROL_TIMEOUT), 4)?;
-        Ok(Cluster { nodes, http })
-    }
-
-    fn pids(&self) -> Vec<u32> {
-        self.nodes.iter().map(|n| n.proc.0.id()).collect()
-    }
-
-    async fn status(&self, node: usize) -> Result<Value> {
-        let url = format!("http://{}/v1/cluster/status", self.nodes[node].api);
-        let r = self.http.get(&url).send().await;
-        let r = r.with_context(|| format!("GET {url}"))?;
-        ensure!(r.status().is_success(), "GET {url}: {}", r.status());
-        r.json().await.with_context(|| format!("GET {url}: body"))
-    }
-
-    /// Waits until every node names the same leader, which reports role leader; its index.
-    async fn wait_leader(&self) -> Result<usize> {
-        poll_until(WAIT, "an agreed leader", async || {
-            let mut named = Vec::new();
-            for i in 0..self.nodes.len() {
-                named.push(self.status(i).await?["leader_id"].as_u64());
-            }
-            let Some(Some(l)) = named.first().copied() else {
-                return Ok(None);
-            };
-            if named.iter().any(|n| *n != Some(l)) || !(1..=named.len() as u64).contains(&l) {
-                return Ok(None);
-            }
-            let i = l as usize - 1;
-            Ok((self.status(i).await?["role"] == "leader").then_some(i))
-        })
-        .await
-    }
-
     /// Registers `bench-(seq % instances)` through the writer node, retrying failures (the
     /// registration is idempotent) until `WAIT`; (commit index, latency of the attempt that
     /// succeeded, failed attempts).
@@ -491,17 +238,6 @@ impl Cluster {
         let text = r.text().await.unwrap_or_default();
         ensure!(status == 200, "PUT {url}: {status} {text}");
         Ok((index.context("write without X-Consul-Index")?, t.elapsed()))
-    }
-
-    fn log_warnings(&self) -> Vec<usize> {
-        let count = |n: &Node| {
-            let text = std::fs::read(&n.log).unwrap_or_default();
-            let text = String::from_utf8_lossy(&text);
-            text.lines()
-                .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
-                .count()
-        };
-        self.nodes.iter().map(count).collect()
     }
 }
 
@@ -791,9 +527,7 @@ struct Round {
 
 fn render(rounds: &[Round], knobs: &Knobs, notes: &[String]) -> String {
     let k = knobs;
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    let load: Vec<&str> = load.split_whitespace().take(3).collect();
+    let (cores, load) = machine();
     let mut s = format!(
         "## raftmesh watch benchmark: blocking queries vs SSE streams\n\nPer round (a fresh \
          3-node cluster on 127.0.0.1-3, `{}` build), on n3: {} blocking queries \
@@ -813,7 +547,7 @@ fn render(rounds: &[Round], knobs: &Knobs, notes: &[String]) -> String {
         k.writes,
         k.gap.as_millis(),
         k.instances,
-        load.join(" "),
+        load,
     );
     for r in rounds {
         for (kind, st) in &r.kinds {
@@ -908,7 +642,8 @@ fn render(rounds: &[Round], knobs: &Knobs, notes: &[String]) -> String {
 /// Everything of a round after the cluster is up; a failure ends the writes early but the
 /// waiters' logs are still collected and reported.
 async fn round(bin: &Path, knobs: &Knobs, plan: Plan) -> Result<Round> {
-    let c = Cluster::start(bin, knobs).await?;
+    let http = http_client(Some(CONTROL_TIMEOUT), CONNECT_TIMEOUT, CONTROL_IDLE)?;
+    let c = Cluster::start(bin, &knobs.extra_args, knobs.keep, http).await?;
     let leader = c.wait_leader().await?;
     progress!(
         "{} round: cluster formed, leader node{}",
@@ -960,8 +695,8 @@ async fn round(bin: &Path, knobs: &Knobs, plan: Plan) -> Result<Round> {
     for w in 0..total {
         if w % knobs.per_client == 0 || w == n {
             client = Some(match w < n {
-                true => http_client(Some(BLOCKING_TIMEOUT), knobs.per_client)?,
-                false => http_client(None, knobs.per_client)?,
+                true => http_client(Some(BLOCKING_TIMEOUT), CONNECT_TIMEOUT, knobs.per_client)?,
+                false => http_client(None, CONNECT_TIMEOUT, knobs.per_client)?,
             });
         }
         let client = client.clone().context("a client per group of waiters")?;
@@ -994,7 +729,7 @@ async fn round(bin: &Path, knobs: &Knobs, plan: Plan) -> Result<Round> {
         );
         tokio::time::sleep(knobs.gap).await;
         r.rss_waiting = rss_kib(pids[WATCHED]);
-        snap = Some(cpu_snap(&pids));
+        snap = Some(cpu_snap(&pids, false));
         for seq in 2..knobs.writes + 2 {
             let (index, took, retries) = c.write(seq, knobs.instances).await?;
             writes.push((Instant::now(), index));
@@ -1014,7 +749,7 @@ async fn round(bin: &Path, knobs: &Knobs, plan: Plan) -> Result<Round> {
     let t0 = snap.as_ref().map_or_else(Instant::now, |s| s.0);
     r.writes_elapsed = t0.elapsed();
     if let Some(snap) = &snap {
-        r.cpu = cpu_pct(snap, &cpu_snap(&pids));
+        r.cpu = cpu_pct(snap, &cpu_snap(&pids, false));
     }
     r.rss_after = rss_kib(pids[WATCHED]);
     if let Err(e) = outcome {
@@ -1039,7 +774,7 @@ async fn round(bin: &Path, knobs: &Knobs, plan: Plan) -> Result<Round> {
 }
 
 async fn run() -> Result<()> {
-    LazyLock::force(&START);
+    LazyLock::force(&common::START);
     let knobs = Knobs::from_env()?;
     progress!("knobs: {knobs:?}");
     let bin = raftmesh_bin(&knobs.profile)?;
