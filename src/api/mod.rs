@@ -227,7 +227,7 @@ struct Limits {
 }
 
 /// Most blocking queries waiting at once on a node.
-pub const MAX_BLOCKING: usize = 16 * 1024;
+pub const MAX_BLOCKING: usize = 8 * 1024;
 /// Longest a blocking query may run: the longest wait plus its jitter plus
 /// the read barrier's worst case.
 pub const BLOCKING_TIMEOUT: Duration = Duration::from_secs(10 * 60 + 40 + 60);
