@@ -20,6 +20,7 @@ pub mod error;
 mod health;
 mod kv;
 mod native;
+mod route;
 mod session;
 mod watch;
 
@@ -327,6 +328,11 @@ pub fn router(health: Arc<Health>) -> Router {
         .route(
             "/v1/kv/{*key}",
             get(kv::get).put(kv::put).delete(kv::delete),
+        )
+        .route("/v1/routes", get(route::list))
+        .route(
+            "/v1/routes/{name}",
+            get(route::get).put(route::put).delete(route::delete),
         )
         .route("/v1/session/create", put(session::create))
         .route("/v1/session/destroy/{id}", put(session::destroy))

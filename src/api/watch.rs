@@ -269,6 +269,9 @@ impl Filter {
         if self.passes(Kind::Sessions) {
             keys.extend(reg.sessions().map(|s| StateKey::Session(s.id.clone())));
         }
+        if self.passes(Kind::Routes) {
+            keys.extend(reg.routes().map(|r| StateKey::Route(r.name.clone())));
+        }
         keys
     }
 }

@@ -522,7 +522,8 @@ impl RaftNode {
         }
     }
 
-    async fn wait_applied(&self, index: u64) -> Result<(), ClusterError> {
+    /// Waits until this node has applied `index` (within the leader wait).
+    pub(crate) async fn wait_applied(&self, index: u64) -> Result<(), ClusterError> {
         let mut rx = self.shared.subscribe_applied();
         let reached = async { rx.wait_for(|&i| i >= index).await.map(|_| ()) };
         match tokio::time::timeout(self.timing.leader_wait, reached).await {

@@ -34,15 +34,17 @@ pub enum Kind {
     Checks = 2,
     Kv = 3,
     Sessions = 4,
+    Routes = 5,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Kind::Nodes,
         Kind::Services,
         Kind::Checks,
         Kind::Kv,
         Kind::Sessions,
+        Kind::Routes,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -52,6 +54,7 @@ impl Kind {
             Kind::Checks => "health",
             Kind::Kv => "kv",
             Kind::Sessions => "sessions",
+            Kind::Routes => "routes",
         }
     }
 
@@ -71,6 +74,7 @@ impl Kind {
             "chk" => Some(Kind::Checks),
             "kv" => Some(Kind::Kv),
             "sess" => Some(Kind::Sessions),
+            "route" => Some(Kind::Routes),
             _ => None,
         }
     }
@@ -84,6 +88,7 @@ impl StateKey {
             StateKey::Check(_) => Kind::Checks,
             StateKey::Kv(_) => Kind::Kv,
             StateKey::Session(_) => Kind::Sessions,
+            StateKey::Route(_) => Kind::Routes,
         }
     }
 }

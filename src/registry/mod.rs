@@ -25,6 +25,7 @@ mod duration;
 mod health;
 mod kv;
 mod meta;
+mod route;
 mod validate;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -35,6 +36,10 @@ pub use duration::{parse_duration, DurationError};
 pub use health::{Check, CheckKind, CheckUpdate, HealthStatus, NodeCheck, NODE_CHECK_ID};
 pub use kv::{Behavior, Kind, KvEntry, KvLock, KvSet, LockDelay, Session, MAX_VALUE_BYTES};
 pub use meta::Meta;
+pub use route::{
+    validate_name as validate_route_name, Balancer, HttpMatch, Protocol, Route, RouteDef,
+    RouteError,
+};
 pub use validate::{validate_check, validate_service, ValidationError};
 
 /// The strings of service instances: ids, names, tags, addresses and
@@ -155,6 +160,10 @@ pub enum Command {
     SessionCreate(Session),
     /// Destroy (or, from the leader, expire) a session.
     SessionDestroy { id: String },
+    /// Create or replace a (validated) route.
+    PutRoute { name: String, def: RouteDef },
+    /// Remove a route; a missing name answers `Kv(false)`.
+    DeleteRoute { name: String },
     /// Several commands committed as one entry (group commit), applied in
     /// order. Only the proposer builds batches, from single commands.
     Batch(Vec<Command>),
@@ -214,6 +223,7 @@ pub enum StateKey {
     NodeFailed(NodeId),
     Kv(String),
     Session(String),
+    Route(String),
 }
 
 const NODE_PREFIX: &str = "node/";
@@ -222,6 +232,7 @@ const CHECK_PREFIX: &str = "chk/";
 const FAILED_PREFIX: &str = "nfail/";
 const KV_PREFIX: &str = "kv/";
 const SESSION_PREFIX: &str = "sess/";
+const ROUTE_PREFIX: &str = "route/";
 
 impl StateKey {
     /// The storage key: a readable prefix plus the id.
@@ -233,6 +244,7 @@ impl StateKey {
             StateKey::NodeFailed(id) => format!("{FAILED_PREFIX}{id:020}").into_bytes(),
             StateKey::Kv(k) => format!("{KV_PREFIX}{k}").into_bytes(),
             StateKey::Session(id) => format!("{SESSION_PREFIX}{id}").into_bytes(),
+            StateKey::Route(name) => format!("{ROUTE_PREFIX}{name}").into_bytes(),
         }
     }
 }
@@ -262,6 +274,7 @@ pub struct Registry {
     failed: BTreeSet<NodeId>,
     kv: BTreeMap<String, Box<KvEntry>>,
     sessions: BTreeMap<String, Box<Session>>,
+    routes: BTreeMap<String, Box<Route>>,
     last_index: u64,
     /// Derived from `checks`: `(instance id, check id)` pairs. A set of
     /// pairs, not a map of sets: a one-element B-tree costs a whole node.
@@ -283,6 +296,8 @@ struct RegistryData {
     kv: BTreeMap<String, Box<KvEntry>>,
     #[serde(default)]
     sessions: BTreeMap<String, Box<Session>>,
+    #[serde(default)]
+    routes: BTreeMap<String, Box<Route>>,
     last_index: u64,
 }
 
@@ -295,6 +310,7 @@ impl From<RegistryData> for Registry {
             failed: d.failed,
             kv: d.kv,
             sessions: d.sessions,
+            routes: d.routes,
             last_index: d.last_index,
             by_service: BTreeSet::new(),
         };
@@ -410,6 +426,8 @@ impl Registry {
             Command::KvDelete { key, recurse, cas } => self.kv_delete(key, *recurse, *cas),
             Command::SessionCreate(s) => self.session_create(index, s.clone()),
             Command::SessionDestroy { id } => self.session_destroy(index, id),
+            Command::PutRoute { name, def } => self.put_route(index, name, def),
+            Command::DeleteRoute { name } => self.delete_route(name),
         }
     }
 
@@ -464,6 +482,10 @@ impl Registry {
                 .sessions
                 .get(id)
                 .map(|s| serde_json::to_vec(s).expect("Session serializes")),
+            StateKey::Route(name) => self
+                .routes
+                .get(name)
+                .map(|r| serde_json::to_vec(r).expect("Route serializes")),
         }
     }
 
@@ -502,6 +524,9 @@ impl Registry {
             } else if key.starts_with(SESSION_PREFIX) {
                 let s: Session = serde_json::from_slice(&v).map_err(corrupt)?;
                 reg.sessions.insert(s.id.clone(), Box::new(s));
+            } else if key.starts_with(ROUTE_PREFIX) {
+                let r: Route = serde_json::from_slice(&v).map_err(corrupt)?;
+                reg.routes.insert(r.name.clone(), Box::new(r));
             } else {
                 return Err(DecodeError::UnknownKey(key));
             }
@@ -524,7 +549,8 @@ impl Registry {
             .chain(self.checks.keys().map(|id| StateKey::Check(id.clone())))
             .chain(self.failed.iter().map(|id| StateKey::NodeFailed(*id)))
             .chain(self.kv.keys().map(|k| StateKey::Kv(k.clone())))
-            .chain(self.sessions.keys().map(|id| StateKey::Session(id.clone())));
+            .chain(self.sessions.keys().map(|id| StateKey::Session(id.clone())))
+            .chain(self.routes.keys().map(|n| StateKey::Route(n.clone())));
         keys.filter_map(|k| self.encode_value(&k).map(|v| (k, v)))
             .collect()
     }

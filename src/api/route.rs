@@ -1,0 +1,97 @@
+//! Native route endpoints: `PUT`/`GET`/`DELETE /v1/routes/{name}` and
+//! `GET /v1/routes`, the replicated configuration of every node's proxy.
+//!
+//! Owns the request decoding (snake_case JSON, unknown fields refused) and
+//! the answers (the stored route: its definition plus `name`,
+//! `create_index`, `modify_index`). Does not own the rules
+//! (`registry::route`) or route traffic. Reads are blocking queries on
+//! `Kind::Routes`, like every registry read.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, RawQuery, State};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+use super::body::Params;
+use super::error::ApiError;
+use super::{read, settle, with_read_headers, write_response};
+use crate::raft::{ClusterError, RaftNode};
+use crate::registry::{validate_route_name, Command, Kind, Response as Outcome, RouteDef};
+
+type Node = State<Arc<RaftNode>>;
+
+fn decode(body: &[u8]) -> Result<RouteDef, ApiError> {
+    serde_json::from_slice(body).map_err(|e| ApiError::BadRequest(format!("route: {e}")))
+}
+
+/// `PUT /v1/routes/{name}`: creates or replaces the route; answers it.
+pub async fn put(
+    State(node): Node,
+    Path(name): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    validate_route_name(&name).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let def = decode(&body?)?;
+    def.validate()
+        .map_err(|e| ApiError::BadRequest(format!("route {name:?}: {e}")))?;
+    let written = node
+        .write(Command::PutRoute {
+            name: name.clone(),
+            def,
+        })
+        .await?;
+    match written.response {
+        Outcome::Kv(true) => {
+            // A forwarded write is committed, not yet applied here.
+            node.wait_applied(written.index).await?;
+            let stored = node.state().route(&name).map(|r| json!(r));
+            Ok(write_response(&node, written.index, stored))
+        }
+        Outcome::Invalid(msg) => Err(ApiError::BadRequest(format!("route {name:?}: {msg}"))),
+        other => Err(ApiError::Cluster(ClusterError::Internal(format!(
+            "a route write answered {other:?}"
+        )))),
+    }
+}
+
+/// `GET /v1/routes`: every route, by name.
+pub async fn list(State(node): Node, RawQuery(q): RawQuery) -> Result<Response, ApiError> {
+    read(
+        &node,
+        &Params::parse(q.as_deref()),
+        &[Kind::Routes],
+        |reg| reg.routes().cloned().collect::<Vec<_>>(),
+    )
+    .await
+}
+
+/// `GET /v1/routes/{name}`: 404 (with `X-Consul-Index`) if there is none.
+pub async fn get(
+    State(node): Node,
+    Path(name): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    let p = Params::parse(q.as_deref());
+    let (index, mode) = settle(&node, &p, &[Kind::Routes]).await?;
+    let found = node.state().route(&name).cloned();
+    let res = match found {
+        Some(r) => Json(r).into_response(),
+        None => ApiError::NotFound(format!("no route {name:?}")).into_response(),
+    };
+    Ok(with_read_headers(res, &node, index, mode))
+}
+
+/// `DELETE /v1/routes/{name}`: `true`; 404 if there was none.
+pub async fn delete(State(node): Node, Path(name): Path<String>) -> Result<Response, ApiError> {
+    let written = node
+        .write(Command::DeleteRoute { name: name.clone() })
+        .await?;
+    match written.response {
+        Outcome::Kv(true) => Ok(write_response(&node, written.index, Some(json!(true)))),
+        _ => Err(ApiError::NotFound(format!("no route {name:?}"))),
+    }
+}
