@@ -14,6 +14,7 @@ pub mod cli;
 pub mod config;
 pub mod health;
 pub mod node;
+pub mod proxy;
 pub mod raft;
 pub mod registry;
 pub mod watch;
