@@ -139,7 +139,8 @@ async fn blocking_queries_on_one_node_wake_on_writes_through_another() -> Result
         // Health ?passing with a blocking index, through rs-consul.
         c.register(
             1,
-            &json!({"Name": "api", "ID": "api-1", "Port": 7001, "Check": {"TTL": "30s"}}),
+            &json!({"Name": "api", "ID": "api-1", "Port": 7001, "Check": {"TTL": "30s"},
+                    "Weights": {"Passing": 10, "Warning": 2}}),
         )
         .await?
         .expect_200("register api-1")?;
@@ -193,6 +194,23 @@ async fn blocking_queries_on_one_node_wake_on_writes_through_another() -> Result
             .collect();
         ensure!(ids == ["api-1"], "passing after the heartbeat: {ids:?}");
         ensure!(after.response[0].service.port == 7001, "port");
+        let cat: Value = c
+            .get(2, "/v1/catalog/service/api")
+            .await?
+            .expect_200("catalog api")?
+            .json()?;
+        ensure!(
+            cat[0]["ServiceWeights"] == json!({"Passing": 10, "Warning": 2}),
+            "weights: {cat}"
+        );
+        let bad = c
+            .register(2, &json!({"Name": "w", "Weights": {"Passing": 0}}))
+            .await?;
+        ensure!(
+            bad.status == 400,
+            "Weights.Passing 0 accepted: {}",
+            bad.status
+        );
 
         let names = consul(&c, 2)?
             .get_all_registered_service_names(None)

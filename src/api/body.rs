@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use serde_json::{Map, Value};
 
 use super::error::ApiError;
-use crate::registry::{parse_duration, CheckDef, HealthStatus, Meta, ServiceSpec};
+use crate::registry::{parse_duration, CheckDef, HealthStatus, Meta, ServiceSpec, Weights};
 
 /// Decoded query parameters, in order; flags count by presence.
 #[derive(Debug, Default, Clone)]
@@ -280,6 +280,38 @@ pub fn standalone_check(body: &[u8]) -> Result<(CheckDef, Option<String>), ApiEr
 }
 
 /// Decodes `PUT /v1/agent/service/register`'s body.
+/// `Weights: {Passing, Warning}`: Passing at least 1 (Consul's rule),
+/// Warning at least 0; a missing field keeps its default of 1.
+fn weights(f: &Fields<'_>) -> Result<Weights, ApiError> {
+    let Some(v) = f.get("Weights") else {
+        return Ok(Weights::default());
+    };
+    let w = Fields::new("service.Weights", v)?;
+    let num = |field: &str, min: u64| -> Result<Option<u32>, ApiError> {
+        match w.get(field) {
+            None => Ok(None),
+            Some(Value::Number(n)) => n
+                .as_u64()
+                .filter(|x| *x >= min)
+                .and_then(|x| u32::try_from(x).ok())
+                .map(Some)
+                .ok_or_else(|| {
+                    ApiError::BadRequest(format!(
+                        "service.Weights.{field} must be an integer of at least {min}"
+                    ))
+                }),
+            Some(_) => Err(ApiError::BadRequest(format!(
+                "service.Weights.{field} must be an integer"
+            ))),
+        }
+    };
+    let d = Weights::default();
+    Ok(Weights {
+        passing: num("Passing", 1)?.unwrap_or(d.passing),
+        warning: num("Warning", 0)?.unwrap_or(d.warning),
+    })
+}
+
 pub fn service(body: &[u8]) -> Result<ServiceSpec, ApiError> {
     let v = json(body)?;
     let f = Fields::new("service", &v)?;
@@ -319,6 +351,7 @@ pub fn service(body: &[u8]) -> Result<ServiceSpec, ApiError> {
         address: f.string("Address")?.unwrap_or_default().into(),
         port: f.port("Port")?,
         meta: f.string_map("Meta")?,
+        weights: weights(&f)?,
         checks,
     })
 }

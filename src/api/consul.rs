@@ -47,8 +47,8 @@ fn node_json(n: &NodeEntry) -> Value {
     })
 }
 
-fn weights() -> Value {
-    json!({"Passing": 1, "Warning": 1})
+fn weights(s: &ServiceInstance) -> Value {
+    json!({"Passing": s.spec.weights.passing, "Warning": s.spec.weights.warning})
 }
 
 fn agent_service(s: &ServiceInstance) -> Value {
@@ -59,7 +59,7 @@ fn agent_service(s: &ServiceInstance) -> Value {
         "Meta": s.spec.meta,
         "Port": s.spec.port,
         "Address": s.spec.address,
-        "Weights": weights(),
+        "Weights": weights(s),
         "EnableTagOverride": false,
         "Datacenter": DC,
         "Namespace": "default",
@@ -85,7 +85,7 @@ fn catalog_entry(reg: &Registry, s: &ServiceInstance) -> Value {
         "ServicePort": s.spec.port,
         "ServiceMeta": s.spec.meta,
         "ServiceEnableTagOverride": false,
-        "ServiceWeights": weights(),
+        "ServiceWeights": weights(s),
         "CreateIndex": s.create_index,
         "ModifyIndex": s.modify_index,
         "Namespace": "default",

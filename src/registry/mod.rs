@@ -95,6 +95,30 @@ pub struct CheckDef {
     pub deregister_critical_service_after: Option<String>,
 }
 
+/// How much traffic an instance takes relative to others of its service,
+/// by its health (Consul's `Weights`; the proxy's `weighted` balancer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Weights {
+    pub passing: u32,
+    pub warning: u32,
+}
+
+impl Default for Weights {
+    /// Consul's default.
+    fn default() -> Self {
+        Weights {
+            passing: 1,
+            warning: 1,
+        }
+    }
+}
+
+impl Weights {
+    fn is_default(&self) -> bool {
+        *self == Weights::default()
+    }
+}
+
 /// What a client asks to register. Validated before it becomes a command.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceSpec {
@@ -104,6 +128,9 @@ pub struct ServiceSpec {
     pub address: Str,
     pub port: u16,
     pub meta: Meta,
+    /// Omitted when default, so stored instances stay as small as before.
+    #[serde(default, skip_serializing_if = "Weights::is_default")]
+    pub weights: Weights,
     /// The service's checks as registered. In a stored instance this is
     /// empty: `apply` moves them into the registry's check table.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
