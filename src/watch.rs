@@ -105,15 +105,13 @@ impl Hub {
     /// Records what applying `index` changed (`(storage key, value)` pairs as
     /// the state machine wrote them; keys of no `Kind` are skipped) and wakes
     /// the waiters of every kind it touched.
-    pub fn publish(&self, index: u64, changes: &[(String, Option<String>)]) {
+    pub fn publish(&self, index: u64, changes: Vec<(String, Option<String>)>) {
+        // Owned: the state machine has written these to sled and hands them
+        // over, so the apply path copies no value.
         let changes: Vec<Change> = changes
-            .iter()
-            .filter_map(|(k, v)| {
-                Kind::of_storage_key(k).map(|kind| Change {
-                    kind,
-                    key: k.clone(),
-                    value: v.clone(),
-                })
+            .into_iter()
+            .filter_map(|(key, value)| {
+                Kind::of_storage_key(&key).map(|kind| Change { kind, key, value })
             })
             .collect();
         if changes.is_empty() {
@@ -125,7 +123,7 @@ impl Hub {
         }
         {
             let mut ring = lock(&self.ring);
-            if ring.events.back().is_some_and(|e| e.index >= index) {
+            if index <= ring.floor || ring.events.back().is_some_and(|e| e.index >= index) {
                 // Replays after a restart or reset: already covered by floor.
                 return;
             }
@@ -285,14 +283,14 @@ mod tests {
     #[test]
     fn kinds_advance_only_for_what_changed() {
         let hub = Hub::new(10);
-        hub.publish(11, &[ch("kv/a")]);
+        hub.publish(11, vec![ch("kv/a")]);
         assert_eq!(hub.index(&[Kind::Kv]), 11);
         assert_eq!(hub.index(&[Kind::Services]), 10);
-        hub.publish(12, &[ch("svc/web-1"), ch("chk/c")]);
+        hub.publish(12, vec![ch("svc/web-1"), ch("chk/c")]);
         assert_eq!(hub.index(&[Kind::Services, Kind::Kv]), 12);
         assert_eq!(hub.index(&[Kind::Kv]), 11);
         // Keys of no kind (state-machine metadata) change nothing.
-        hub.publish(13, &[ch("meta/membership")]);
+        hub.publish(13, vec![ch("meta/membership")]);
         assert_eq!(hub.latest(), 12);
     }
 
@@ -300,7 +298,7 @@ mod tests {
     fn since_returns_later_events_or_a_gap() {
         let hub = Hub::new(5);
         for i in 6..=9 {
-            hub.publish(i, &[ch(&format!("kv/k{i}"))]);
+            hub.publish(i, vec![ch(&format!("kv/k{i}"))]);
         }
         let Since::Events(ev) = hub.since(7) else {
             panic!("no gap expected");
@@ -320,7 +318,7 @@ mod tests {
     fn eviction_raises_the_floor() {
         let hub = Hub::new(0);
         for i in 1..=(MAX_EVENTS as u64 + 10) {
-            hub.publish(i, &[ch("kv/x")]);
+            hub.publish(i, vec![ch("kv/x")]);
         }
         assert!(matches!(hub.since(5), Since::Gap { floor: 10 }));
         let Since::Events(ev) = hub.since(10) else {
@@ -337,8 +335,8 @@ mod tests {
             let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
             h.wait(&[Kind::Kv], 1, deadline).await
         });
-        hub.publish(2, &[ch("svc/a")]);
-        hub.publish(3, &[ch("kv/a")]);
+        hub.publish(2, vec![ch("svc/a")]);
+        hub.publish(3, vec![ch("kv/a")]);
         assert_eq!(waiter.await.expect("joins"), 3);
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(20);
         assert_eq!(hub.wait(&[Kind::Nodes], 1, deadline).await, 1);

@@ -45,7 +45,7 @@ pub async fn put(
         })
         .await?;
     match written.response {
-        Outcome::Kv(true) => {
+        Outcome::RouteSet => {
             // A forwarded write is committed, not yet applied here.
             node.wait_applied(written.index).await?;
             let stored = node.state().route(&name).map(|r| json!(r));
@@ -91,7 +91,9 @@ pub async fn delete(State(node): Node, Path(name): Path<String>) -> Result<Respo
         .write(Command::DeleteRoute { name: name.clone() })
         .await?;
     match written.response {
-        Outcome::Kv(true) => Ok(write_response(&node, written.index, Some(json!(true)))),
+        Outcome::RouteDeleted { existed: true } => {
+            Ok(write_response(&node, written.index, Some(json!(true))))
+        }
         _ => Err(ApiError::NotFound(format!("no route {name:?}"))),
     }
 }

@@ -384,8 +384,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             published = Some(record);
         }
         if let Some(i) = last_index {
-            if let Some(record) = &published {
-                self.shared.hub.publish(i, &record.changes);
+            if let Some(record) = published {
+                self.shared.hub.publish(i, record.changes);
             }
             self.shared.applied.send_replace(i);
         }

@@ -189,7 +189,7 @@ pub enum Command {
     SessionDestroy { id: String },
     /// Create or replace a (validated) route.
     PutRoute { name: String, def: RouteDef },
-    /// Remove a route; a missing name answers `Kv(false)`.
+    /// Remove a route; a missing name is a no-op.
     DeleteRoute { name: String },
     /// Several commands committed as one entry (group commit), applied in
     /// order. Only the proposer builds batches, from single commands.
@@ -232,6 +232,12 @@ pub enum Response {
         id: String,
     },
     SessionDestroyed {
+        existed: bool,
+    },
+    /// `PutRoute` stored the route.
+    RouteSet,
+    /// `DeleteRoute`'s outcome.
+    RouteDeleted {
         existed: bool,
     },
     /// The command cannot apply (unknown session, node not live).

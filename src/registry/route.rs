@@ -264,7 +264,7 @@ impl Registry {
             modify_index: index,
         };
         self.routes.insert(name.to_string(), Box::new(route));
-        (Response::Kv(true), vec![StateKey::Route(name.to_string())])
+        (Response::RouteSet, vec![StateKey::Route(name.to_string())])
     }
 
     pub(super) fn delete_route(&mut self, name: &str) -> (Response, Vec<StateKey>) {
@@ -274,7 +274,7 @@ impl Registry {
         } else {
             Vec::new()
         };
-        (Response::Kv(existed), touched)
+        (Response::RouteDeleted { existed }, touched)
     }
 }
 
@@ -352,18 +352,18 @@ mod tests {
             name: name.into(),
             def: d,
         };
-        assert_eq!(reg.apply(2, &put("db", tcp(9000))).0, Response::Kv(true));
+        assert_eq!(reg.apply(2, &put("db", tcp(9000))).0, Response::RouteSet);
         assert!(matches!(
             reg.apply(3, &put("db2", tcp(9000))).0,
             Response::Invalid(_)
         ));
         // The same route may keep (or change) its own port.
-        assert_eq!(reg.apply(4, &put("db", tcp(9000))).0, Response::Kv(true));
+        assert_eq!(reg.apply(4, &put("db", tcp(9000))).0, Response::RouteSet);
         let r = reg.route("db").expect("stored");
         assert_eq!((r.create_index, r.modify_index), (2, 4));
         let (resp, touched) = reg.apply(5, &Command::DeleteRoute { name: "db".into() });
-        assert_eq!(resp, Response::Kv(true));
+        assert_eq!(resp, Response::RouteDeleted { existed: true });
         assert_eq!(touched, vec![StateKey::Route("db".into())]);
-        assert_eq!(reg.apply(6, &put("db2", tcp(9000))).0, Response::Kv(true));
+        assert_eq!(reg.apply(6, &put("db2", tcp(9000))).0, Response::RouteSet);
     }
 }
