@@ -12,6 +12,8 @@
 //!
 //! Invariants:
 //! - One batch is in flight at a time, so batches commit in queue order.
+//! - A batch waits at most `LINGER` for more writers, and only when fewer
+//!   have arrived than were active around the last batch (`gather`).
 //! - Every caller gets exactly one answer (or sees its channel closed when
 //!   the node shuts down).
 //! - `Route::LocalOnly` proposals (writes a follower forwarded to us) are
@@ -133,8 +135,11 @@ async fn run(ctx: Context, mut rx: mpsc::Receiver<Proposal>) {
     // halved the batches and cost more CPU per write than the overlap saved,
     // because each batch pays a log sync and a replication round on every
     // node.)
+    let mut target = 1;
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        gather(&mut rx, &mut batch, target).await;
         let mut proposals = std::mem::take(&mut batch);
+        let sent = proposals.len();
         tracing::debug!(commands = proposals.len(), "proposing batch");
         match leader_of(&ctx.raft) {
             Some((leader, _)) if leader == ctx.id => {
@@ -167,6 +172,35 @@ async fn run(ctx: Context, mut rx: mpsc::Receiver<Proposal>) {
                 };
                 distribute(forwardable, result);
             }
+        }
+        // The writers just answered come straight back (closed-loop
+        // clients) while the ones still queued wait: both belong in the
+        // next batch.
+        target = (sent + rx.len()).min(MAX_BATCH);
+    }
+}
+
+/// Longest wait for the writers of the last batch to come back.
+const LINGER: Duration = Duration::from_micros(500);
+
+/// Tops `batch` up towards `target` proposals for at most [`LINGER`].
+///
+/// Why: with one batch in flight, concurrent writers otherwise split into
+/// two cohorts that alternate (one commits while the other queues), so each
+/// batch carries half of them and every write waits two commit rounds. A
+/// short wait for the cohort just answered merges them into one batch per
+/// round. Only waits when more writers were active than have arrived, so a
+/// lone writer never waits.
+async fn gather(rx: &mut mpsc::Receiver<Proposal>, batch: &mut Vec<Proposal>, target: usize) {
+    if batch.len() >= target {
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + LINGER;
+    while batch.len() < target {
+        let room = MAX_BATCH - batch.len();
+        match tokio::time::timeout_at(deadline, rx.recv_many(batch, room)).await {
+            Ok(n) if n > 0 => {}
+            _ => return,
         }
     }
 }

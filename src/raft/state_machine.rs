@@ -16,6 +16,17 @@
 //!   replay is idempotent). Why not a sled batch: sled 0.34 writes its IO
 //!   buffer out twice for every batch, waiting for the disk each time, and
 //!   that was on every apply of every node.
+//! - Applies reach sled behind the answer: `apply` changes the in-memory
+//!   registry and hands the record to the `sm-writer` thread, which writes
+//!   records in apply order (merging whatever queued into one record, which
+//!   replays the same). Why: encoding and writing the record was on the
+//!   path of every write's answer, and the log already makes committed
+//!   entries durable: after a crash the stored state is that of some
+//!   earlier index, and openraft applies the log from there. The log is
+//!   only purged behind a snapshot, which is synced before purging and
+//!   restored at `open` when it is ahead of the stored state, so the
+//!   entries needed to catch up are always there. A snapshot install first
+//!   waits for the writer, so no older record lands on the installed state.
 //! - The in-memory `Registry` behind `Shared::registry` is the state at
 //!   `Shared::applied` (readers take the lock, then read both consistently).
 //! - A snapshot is flushed to disk before openraft may purge the log behind
@@ -61,6 +72,30 @@ struct AppliedRecord {
 }
 
 impl AppliedRecord {
+    /// Folds a later record into this one: replaying the result equals
+    /// replaying both in order.
+    fn absorb(&mut self, later: AppliedRecord) {
+        self.last_applied = later.last_applied;
+        if later.changes.is_empty() {
+            return;
+        }
+        let mut at: std::collections::HashMap<String, usize> = self
+            .changes
+            .iter()
+            .enumerate()
+            .map(|(i, (k, _))| (k.clone(), i))
+            .collect();
+        for (k, v) in later.changes {
+            match at.get(&k) {
+                Some(&i) => self.changes[i].1 = v,
+                None => {
+                    at.insert(k.clone(), self.changes.len());
+                    self.changes.push((k, v));
+                }
+            }
+        }
+    }
+
     /// Reads a stored record; data dirs from before records held the bare
     /// pointer.
     fn decode(v: &[u8]) -> Result<Self, StorageError> {
@@ -107,12 +142,15 @@ pub struct Shared {
     /// The change feed blocking queries and watch streams sleep on; fed
     /// after each apply, once the registry shows the change.
     hub: Hub,
+    /// Writes applied records to sled behind the answers.
+    writer: Writer,
 }
 
 impl Shared {
-    fn new(registry: Registry) -> Self {
+    fn new(registry: Registry, writer: Writer) -> Self {
         let (applied, _) = watch::channel(registry.last_index());
         Shared {
+            writer,
             hub: Hub::new(registry.last_index()),
             registry: RwLock::new(registry),
             applied,
@@ -149,6 +187,132 @@ impl Shared {
     pub fn snapshots_installed(&self) -> u64 {
         self.snapshots_installed.load(Ordering::Relaxed)
     }
+
+    /// Waits until everything applied so far has been written to sled (not
+    /// synced): shutdown calls it before the final flush.
+    pub async fn flush_applied(&self) -> Result<(), StorageError> {
+        self.writer.barrier().await
+    }
+}
+
+/// Most records queued for the writer; `apply` waits for room beyond that.
+const WRITER_QUEUE: usize = 64;
+
+enum WriterMsg {
+    Record(AppliedRecord),
+    /// Answered once every record sent before it is written.
+    Barrier(tokio::sync::oneshot::Sender<Result<(), String>>),
+}
+
+/// The sending side of the `sm-writer` thread; see the module invariants.
+struct Writer {
+    tx: tokio::sync::mpsc::Sender<WriterMsg>,
+    /// Set by the thread when a write failed; later applies report it, which
+    /// stops openraft as a failed apply always did.
+    failed: Arc<std::sync::atomic::AtomicBool>,
+    /// Joined on drop, so the thread's handle on sled is gone with us.
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        // Closing our sender ends the thread once it has written the queue.
+        let (closed, _) = tokio::sync::mpsc::channel(1);
+        drop(std::mem::replace(&mut self.tx, closed));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Writer {
+    /// Starts the thread; it ends when the last sender is dropped.
+    fn spawn(tree: sled::Tree) -> std::io::Result<Self> {
+        let (tx, rx) = tokio::sync::mpsc::channel(WRITER_QUEUE);
+        let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = failed.clone();
+        let thread = std::thread::Builder::new()
+            .name("sm-writer".into())
+            .spawn(move || write_loop(&tree, rx, &flag))?;
+        Ok(Writer {
+            tx,
+            failed,
+            thread: Some(thread),
+        })
+    }
+
+    fn stopped() -> StorageError {
+        sm_write_err(std::io::Error::other("state-machine writer stopped"))
+    }
+
+    async fn write(&self, record: AppliedRecord) -> Result<(), StorageError> {
+        if self.failed.load(Ordering::Acquire) {
+            return Err(sm_write_err(std::io::Error::other(
+                "an earlier state-machine write failed",
+            )));
+        }
+        self.tx
+            .send(WriterMsg::Record(record))
+            .await
+            .map_err(|_| Self::stopped())
+    }
+
+    async fn barrier(&self) -> Result<(), StorageError> {
+        let (done, rx) = tokio::sync::oneshot::channel();
+        self.tx
+            .send(WriterMsg::Barrier(done))
+            .await
+            .map_err(|_| Self::stopped())?;
+        rx.await
+            .map_err(|_| Self::stopped())?
+            .map_err(|e| sm_write_err(std::io::Error::other(e)))
+    }
+}
+
+/// The `sm-writer` thread: takes whatever is queued, writes it as one
+/// record (later changes of a key win) and then its keys.
+fn write_loop(
+    tree: &sled::Tree,
+    mut rx: tokio::sync::mpsc::Receiver<WriterMsg>,
+    failed: &std::sync::atomic::AtomicBool,
+) {
+    let mut msgs = Vec::new();
+    while rx.blocking_recv_many(&mut msgs, WRITER_QUEUE) > 0 {
+        let mut merged: Option<AppliedRecord> = None;
+        let mut barriers = Vec::new();
+        for msg in msgs.drain(..) {
+            match msg {
+                WriterMsg::Record(r) => match &mut merged {
+                    None => merged = Some(r),
+                    Some(m) => m.absorb(r),
+                },
+                WriterMsg::Barrier(b) => barriers.push(b),
+            }
+        }
+        let res = match merged {
+            Some(record) if !failed.load(Ordering::Acquire) => write_record(tree, &record),
+            _ => Ok(()),
+        };
+        if let Err(e) = &res {
+            tracing::error!(error = %e, "writing applied state to sled failed");
+            failed.store(true, Ordering::Release);
+        }
+        let res = if failed.load(Ordering::Acquire) {
+            Err("an earlier state-machine write failed".to_string())
+        } else {
+            Ok(())
+        };
+        for b in barriers {
+            let _ = b.send(res.clone());
+        }
+    }
+}
+
+/// The record first, then its keys: see the module invariants.
+fn write_record(tree: &sled::Tree, record: &AppliedRecord) -> Result<(), String> {
+    let bytes = serde_json::to_vec(record).map_err(|e| e.to_string())?;
+    tree.insert(APPLIED, bytes).map_err(|e| e.to_string())?;
+    write_changes(tree, &record.changes).map_err(|e| e.to_string())
 }
 
 /// The sled-backed state machine openraft drives.
@@ -231,11 +395,12 @@ impl StateMachineStore {
         }
         let registry =
             Registry::load(entries, last_applied.map_or(0, |l| l.index)).map_err(sm_read_err)?;
+        let writer = Writer::spawn(sm.clone()).map_err(sm_write_err)?;
         let mut store = StateMachineStore {
             syncer,
             sm,
             snap,
-            shared: Arc::new(Shared::new(registry)),
+            shared: Arc::new(Shared::new(registry, writer)),
             last_applied,
             membership,
             snapshot_seq: 0,
@@ -370,23 +535,13 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 ));
             }
         }
-        let mut published = None;
-        if last_index.is_some() {
+        if let Some(i) = last_index {
             let record = AppliedRecord {
                 last_applied: self.last_applied,
-                changes,
+                changes: changes.clone(),
             };
-            // The record first: see the module invariants.
-            self.sm
-                .insert(APPLIED, encode(&record)?)
-                .map_err(sm_write_err)?;
-            write_changes(&self.sm, &record.changes).map_err(sm_write_err)?;
-            published = Some(record);
-        }
-        if let Some(i) = last_index {
-            if let Some(record) = published {
-                self.shared.hub.publish(i, record.changes);
-            }
+            self.shared.writer.write(record).await?;
+            self.shared.hub.publish(i, changes);
             self.shared.applied.send_replace(i);
         }
         Ok(responses)
@@ -414,6 +569,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
+        // No record of an earlier apply may land on the installed state.
+        self.shared.writer.barrier().await?;
         let mut batch = sled::Batch::default();
         batch.insert(SNAP_META, encode(meta)?);
         batch.insert(SNAP_DATA, data.clone());
@@ -500,6 +657,7 @@ mod tests {
                 payload: EntryPayload::Normal(register("a")),
             };
             sm.apply([entry]).await.expect("apply 1");
+            sm.shared().flush_applied().await.expect("apply 1 written");
             // A crash after apply 2 wrote its record but before its key landed:
             // write exactly that by hand.
             let mut reg = Registry::new();
@@ -528,6 +686,55 @@ mod tests {
         assert!(reg.service("a").is_some(), "apply 1 kept");
         let b = reg.service("b").expect("apply 2 replayed from its record");
         assert_eq!(b.modify_index, 2);
+    }
+
+    #[test]
+    fn merged_records_replay_like_the_records_in_order() {
+        let rec = |i, changes: &[(&str, Option<&str>)]| AppliedRecord {
+            last_applied: Some(log_id(i)),
+            changes: changes
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.map(str::to_string)))
+                .collect(),
+        };
+        let mut m = rec(1, &[("a", Some("1")), ("b", Some("1"))]);
+        m.absorb(rec(2, &[("b", None), ("c", Some("2"))]));
+        m.absorb(rec(3, &[]));
+        m.absorb(rec(4, &[("c", Some("4")), ("b", Some("4"))]));
+        assert_eq!(m.last_applied, Some(log_id(4)));
+        let got: std::collections::BTreeMap<_, _> = m.changes.into_iter().collect();
+        let want: std::collections::BTreeMap<_, _> = [
+            ("a".to_string(), Some("1".to_string())),
+            ("b".to_string(), Some("4".to_string())),
+            ("c".to_string(), Some("4".to_string())),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(got, want);
+    }
+
+    #[tokio::test]
+    async fn applies_reach_sled_behind_the_answer_and_survive_reopen() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        {
+            let (_db, mut sm) = open(dir.path()).await;
+            for i in 1..=50u64 {
+                let entry = Entry {
+                    log_id: log_id(i),
+                    payload: EntryPayload::Normal(register(&format!("s{i}"))),
+                };
+                sm.apply([entry]).await.expect("apply");
+            }
+            sm.shared().flush_applied().await.expect("written");
+        }
+        let (_db, mut sm) = open(dir.path()).await;
+        let (applied, _) = sm.applied_state().await.expect("applied state");
+        assert_eq!(applied, Some(log_id(50)));
+        let shared = sm.shared();
+        let reg = shared.read();
+        for i in 1..=50u64 {
+            assert!(reg.service(&format!("s{i}")).is_some(), "s{i} stored");
+        }
     }
 
     #[test]
