@@ -26,6 +26,11 @@ pub struct AgentArgs {
     /// outbound peer connections.
     #[arg(long, default_value = "127.0.0.1:8300")]
     pub peer_addr: SocketAddr,
+    /// Serve the replicated routes here: HTTP routes on this address, TCP
+    /// routes on their `listen_port` at its IP (port 0 picks a free port
+    /// for HTTP). No proxy without it.
+    #[arg(long)]
+    pub proxy_addr: Option<SocketAddr>,
     /// Data directory (sled database, addrs.json). Required unless --dev.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
@@ -107,6 +112,7 @@ pub struct AgentConfig {
     pub id: u64,
     pub name: String,
     pub api_addr: SocketAddr,
+    pub proxy_addr: Option<SocketAddr>,
     pub peer_addr: SocketAddr,
     pub data_dir: DataDir,
     pub bootstrap_expect: Option<usize>,
@@ -205,6 +211,7 @@ impl AgentArgs {
             id,
             name: self.name.unwrap_or_else(|| format!("node{id}")),
             api_addr: self.api_addr,
+            proxy_addr: self.proxy_addr,
             peer_addr: self.peer_addr,
             data_dir,
             bootstrap_expect: self.bootstrap_expect,

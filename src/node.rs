@@ -4,13 +4,15 @@
 //!
 //! Owns lifetimes and ordering only; no business logic.
 //!
-//! Startup: bind both listeners (so port 0 resolves before anything else) →
+//! Startup: bind the listeners (so port 0 resolves before anything else) →
 //! open sled → note whether the data dir already held Raft state → build the
-//! stores and Raft → serve peer RPCs and the API → write `addrs.json` and
-//! the ready line → bootstrap, only if the data dir was empty.
+//! stores and Raft → start the proxy (if `--proxy-addr`), serve peer RPCs
+//! and the API → write `addrs.json` and the ready line → bootstrap, only if
+//! the data dir was empty.
 //!
 //! Shutdown (on the `shutdown` future, i.e. SIGTERM/SIGINT): stop accepting
-//! API requests and drain in-flight ones → stop bootstrap → stop health
+//! proxy connections and API requests and drain in-flight ones → stop
+//! bootstrap → stop health
 //! (probes, leader sweep) → stop the detector → shut Raft down
 //! (no more proposals or replication) → stop the peer listener → flush sled.
 //! Each wait is bounded so a stuck connection cannot hold the exit.
@@ -44,6 +46,9 @@ struct Ready<'a> {
     name: &'a str,
     api_addr: String,
     peer_addr: String,
+    /// The proxy's HTTP address, when the node runs one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    proxy_addr: Option<String>,
     pid: u32,
     data_dir: String,
 }
@@ -121,6 +126,14 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
     let peer_listener = TcpListener::bind(cfg.peer_addr)
         .await
         .with_context(|| format!("binding peer address {}", cfg.peer_addr))?;
+    let proxy_listener = match cfg.proxy_addr {
+        Some(a) => Some(
+            TcpListener::bind(a)
+                .await
+                .with_context(|| format!("binding proxy address {a}"))?,
+        ),
+        None => None,
+    };
     let api_addr = api_listener.local_addr()?;
     let peer_addr = peer_listener.local_addr()?;
 
@@ -190,10 +203,18 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
         &peer_stop,
         "peer",
     );
+    // Reads the applied registry only; it runs the same with or without a
+    // leader.
+    let proxy = match proxy_listener {
+        Some(l) => Some(
+            crate::proxy::Proxy::start(node.shared().clone(), l).context("starting the proxy")?,
+        ),
+        None => None,
+    };
     serve(
         &api_tasks,
         api_listener,
-        crate::api::router(health.clone()),
+        crate::api::router(health.clone(), proxy.clone()),
         &api_stop,
         "API",
     );
@@ -217,6 +238,7 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
         name: &cfg.name,
         api_addr: api_addr.to_string(),
         peer_addr: peer_addr.to_string(),
+        proxy_addr: proxy.as_ref().map(|p| p.http_addr().to_string()),
         pid: std::process::id(),
         data_dir: dir.display().to_string(),
     };
@@ -244,11 +266,18 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
     }
 
     shutdown.await;
-    tracing::info!("shutting down: draining API");
+    tracing::info!("shutting down: draining proxy and API");
+    // The proxy drains alongside the API: both stop accepting now.
+    let proxy_done = tokio::spawn(async move {
+        if let Some(p) = proxy {
+            p.shutdown().await;
+        }
+    });
     api_stop.cancel();
     // Blocking queries and watch streams end now instead of at their wait.
     node.shared().hub().close();
     drain(&api_tasks, "API server").await;
+    let _ = proxy_done.await;
     drain(&bootstrap_tasks, "bootstrap").await;
     health_stop.cancel();
     if tokio::time::timeout(DRAIN_TIMEOUT, health_task)

@@ -283,6 +283,14 @@ async fn not_found(req: Request) -> ApiError {
 struct AppState {
     node: Arc<RaftNode>,
     health: Arc<Health>,
+    /// This node's routing proxy, when it runs one (`--proxy-addr`).
+    proxy: Option<Arc<crate::proxy::Proxy>>,
+}
+
+impl FromRef<AppState> for Option<Arc<crate::proxy::Proxy>> {
+    fn from_ref(s: &AppState) -> Self {
+        s.proxy.clone()
+    }
 }
 
 impl FromRef<AppState> for Arc<RaftNode> {
@@ -298,10 +306,11 @@ impl FromRef<AppState> for Arc<Health> {
 }
 
 /// The client router over `health` (and the node it belongs to).
-pub fn router(health: Arc<Health>) -> Router {
+pub fn router(health: Arc<Health>, proxy: Option<Arc<crate::proxy::Proxy>>) -> Router {
     let state = AppState {
         node: health.node().clone(),
         health,
+        proxy,
     };
     Router::new()
         .route("/v1/agent/service/register", put(consul::register))
@@ -334,6 +343,7 @@ pub fn router(health: Arc<Health>) -> Router {
             "/v1/routes/{name}",
             get(route::get).put(route::put).delete(route::delete),
         )
+        .route("/v1/routes/{name}/stats", get(route::stats))
         .route("/v1/session/create", put(session::create))
         .route("/v1/session/destroy/{id}", put(session::destroy))
         .route("/v1/session/renew/{id}", put(session::renew))

@@ -3,8 +3,9 @@
 //!
 //! Owns the request decoding (snake_case JSON, unknown fields refused) and
 //! the answers (the stored route: its definition plus `name`,
-//! `create_index`, `modify_index`). Does not own the rules
-//! (`registry::route`) or route traffic. Reads are blocking queries on
+//! `create_index`, `modify_index`), and this node's proxy stats for a
+//! route (`GET /v1/routes/{name}/stats`, local, never through Raft). Does
+//! not own the rules (`registry::route`) or route traffic. Reads are blocking queries on
 //! `Kind::Routes`, like every registry read.
 
 use std::sync::Arc;
@@ -95,5 +96,23 @@ pub async fn delete(State(node): Node, Path(name): Path<String>) -> Result<Respo
             Ok(write_response(&node, written.index, Some(json!(true))))
         }
         _ => Err(ApiError::NotFound(format!("no route {name:?}"))),
+    }
+}
+
+/// `GET /v1/routes/{name}/stats`: this node's traffic counters for the
+/// route, per route and per upstream. Local to the node (every node counts
+/// only what its own proxy carried).
+pub async fn stats(
+    State(proxy): State<Option<Arc<crate::proxy::Proxy>>>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let proxy = proxy.ok_or_else(|| {
+        ApiError::NotFound("this node runs no proxy (start it with --proxy-addr)".into())
+    })?;
+    match proxy.route_stats(&name) {
+        Some(v) => Ok(Json(v).into_response()),
+        None => Err(ApiError::NotFound(format!(
+            "no route {name:?} on this node"
+        ))),
     }
 }
