@@ -2,7 +2,8 @@
 # Shared helpers for the local three-node cluster scripts (up, down, kill,
 # start, status). Sourced, never run.
 #
-# Layout: node N listens on 127.0.0.N (API port 8500, peer port 8300) and
+# Layout: node N listens on 127.0.0.N (API port 8500, peer port 8300, proxy
+# port 8700 for HTTP routes; TCP routes on their listen_port) and
 # keeps everything under cluster/data/: nodeN/ (data dir), nodeN.log,
 # nodeN.pid. A pid is trusted only while /proc/PID/cmdline shows the
 # raftmesh binary started with that node's data dir, so a stale pid file
@@ -18,6 +19,7 @@ BIN="${CARGO_TARGET_DIR:-$ROOT/target}/dist/raftmesh"
 NODE_IDS=(1 2 3)
 API_PORT=8500
 PEER_PORT=8300
+PROXY_PORT=8700
 CLUSTER_TIMEOUT=${CLUSTER_TIMEOUT:-30}
 # Every HTTP call is bounded; a node that does not answer in time is "down"
 # for that probe.
@@ -33,6 +35,7 @@ die() {
 node_ip() { printf '127.0.0.%s' "$1"; }
 api_addr() { printf '%s:%s' "$(node_ip "$1")" "$API_PORT"; }
 peer_addr() { printf '%s:%s' "$(node_ip "$1")" "$PEER_PORT"; }
+proxy_addr() { printf '%s:%s' "$(node_ip "$1")" "$PROXY_PORT"; }
 data_dir() { printf '%s/node%s' "$DATA" "$1"; }
 log_file() { printf '%s/node%s.log' "$DATA" "$1"; }
 pid_file() { printf '%s/node%s.pid' "$DATA" "$1"; }
@@ -150,6 +153,7 @@ start_node() {
     --id "$n" \
     --api-addr "$(api_addr "$n")" \
     --peer-addr "$(peer_addr "$n")" \
+    --proxy-addr "$(proxy_addr "$n")" \
     --bootstrap-expect "${#NODE_IDS[@]}" \
     --join "$(join_list)" \
     --data-dir "$(data_dir "$n")" \
@@ -205,8 +209,8 @@ tail_logs() {
 # applied index, API address).
 print_status() {
   local n pid state role term leader applied json
-  printf '%-5s %-8s %-12s %-10s %-5s %-7s %-8s %s\n' \
-    NODE PID STATE ROLE TERM LEADER APPLIED API
+  printf '%-5s %-8s %-12s %-10s %-5s %-7s %-8s %-24s %s\n' \
+    NODE PID STATE ROLE TERM LEADER APPLIED API PROXY
   for n in "${NODE_IDS[@]}"; do
     role=- term=- leader=- applied=-
     if pid=$(node_pid "$n"); then
@@ -223,8 +227,8 @@ print_status() {
     else
       pid=- state=down
     fi
-    printf '%-5s %-8s %-12s %-10s %-5s %-7s %-8s %s\n' \
+    printf '%-5s %-8s %-12s %-10s %-5s %-7s %-8s %-24s %s\n' \
       "$n" "$pid" "$state" "${role:--}" "${term:--}" "${leader:--}" "${applied:--}" \
-      "http://$(api_addr "$n")"
+      "http://$(api_addr "$n")" "http://$(proxy_addr "$n")"
   done
 }

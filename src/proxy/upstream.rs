@@ -244,3 +244,113 @@ fn address_of(reg: &Registry, s: &ServiceInstance) -> Option<String> {
         format!("{host}:{}", s.spec.port)
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::{Command, NodeEntry, RouteDef, ServiceSpec};
+
+    fn reg_with(instances: &[(&str, &[&str], u16)]) -> Registry {
+        let mut reg = Registry::new();
+        let mut node = NodeEntry::test(1);
+        node.api_addr = "127.0.0.9:8500".into();
+        reg.set_members(1, vec![node]);
+        for (i, (id, tags, port)) in instances.iter().enumerate() {
+            reg.apply(
+                10 + i as u64,
+                &Command::RegisterService {
+                    via_node: 1,
+                    service: ServiceSpec {
+                        id: (*id).into(),
+                        name: "web".into(),
+                        tags: tags.iter().map(|t| (*t).into()).collect(),
+                        port: *port,
+                        ..Default::default()
+                    },
+                },
+            );
+        }
+        reg
+    }
+
+    fn put_route(reg: &mut Registry, index: u64, def: serde_json::Value) {
+        let def: RouteDef = serde_json::from_value(def).expect("route def");
+        reg.apply(
+            index,
+            &Command::PutRoute {
+                name: "r".into(),
+                def,
+            },
+        );
+    }
+
+    #[test]
+    fn upstreams_are_the_passing_tagged_instances_at_their_node_ip() {
+        let mut reg = reg_with(&[("a", &["v2"], 1), ("b", &[], 2), ("c", &["v2", "x"], 3)]);
+        put_route(
+            &mut reg,
+            50,
+            serde_json::json!({"protocol": "http", "service": "web", "tags": ["v2"]}),
+        );
+        let view = View::build(&reg, &View::default());
+        let r = &view.routes["r"];
+        let got: Vec<(&str, &str)> = r
+            .upstreams
+            .iter()
+            .map(|u| (u.id.as_str(), u.addr.as_str()))
+            .collect();
+        assert_eq!(got, vec![("a", "127.0.0.9:1"), ("c", "127.0.0.9:3")]);
+        assert_eq!(view.http.names(), vec!["r"]);
+        // A failed node takes its check-less instances out.
+        reg.apply(
+            51,
+            &Command::SetNodeHealth {
+                node: 1,
+                failed: true,
+            },
+        );
+        let view = View::build(&reg, &view);
+        assert!(view.routes["r"].upstreams.is_empty());
+        assert!(view.routes["r"].choose(None, &[]).is_none());
+    }
+
+    #[test]
+    fn counters_and_ejections_survive_rebuilds() {
+        let mut reg = reg_with(&[("a", &[], 1), ("b", &[], 2)]);
+        put_route(
+            &mut reg,
+            50,
+            serde_json::json!({"protocol": "tcp", "service": "web", "listen_port": 7000,
+                "connect_timeout": "250ms"}),
+        );
+        let v1 = View::build(&reg, &View::default());
+        let r1 = &v1.routes["r"];
+        assert_eq!(r1.connect_timeout, Duration::from_millis(250));
+        assert_eq!(r1.request_timeout, DEFAULT_REQUEST_TIMEOUT);
+        r1.stats.request();
+        for _ in 0..EJECT_AFTER {
+            r1.upstreams[0].report(false);
+        }
+        let v2 = View::build(&reg, &v1);
+        let r2 = &v2.routes["r"];
+        assert_eq!(r2.stats.view().requests, 1);
+        assert!(r2.upstreams[0].is_ejected(Instant::now()));
+        // The ejected upstream is skipped while another is usable ...
+        for _ in 0..5 {
+            assert_eq!(r2.choose(None, &[]).expect("some").id, "b");
+        }
+        // ... and used when it is the only one left.
+        assert_eq!(r2.choose(None, &["b".into()]).expect("some").id, "a");
+    }
+
+    #[test]
+    fn a_success_resets_the_failure_count() {
+        let u = Upstream::new("a".into(), "127.0.0.1:1".into(), 1);
+        for _ in 0..EJECT_AFTER - 1 {
+            u.report(false);
+        }
+        u.report(true);
+        u.report(false);
+        assert!(!u.is_ejected(Instant::now()));
+    }
+}
