@@ -13,9 +13,11 @@
 //! - The request path reads only the current `View` (a `watch` of an
 //!   `Arc`): it never writes to Raft and never waits for the leader, so it
 //!   keeps working on a node cut off from the quorum.
-//! - The view is rebuilt after every applied change (coalesced: a rebuild
-//!   takes whatever is applied when it starts), so upstream sets follow the
-//!   registry within one rebuild of the apply; listeners are not restarted.
+//! - The view is rebuilt after every applied change of routes, services,
+//!   checks or nodes (coalesced: a rebuild takes whatever is applied when it
+//!   starts, at most one per `MIN_REBUILD_GAP`), so upstream sets follow
+//!   the registry within tens of milliseconds of the apply; listeners are
+//!   not restarted.
 //! - A listener being stopped (route removed, port changed, shutdown) first
 //!   stops accepting, then lets connections in flight finish for the drain
 //!   deadline, then drops the rest.
@@ -42,13 +44,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::raft::state_machine::Shared;
-use crate::registry::Protocol as RouteProtocol;
+use crate::registry::{Kind, Protocol as RouteProtocol};
 pub use upstream::{RouteState, Upstream, View};
 
 /// Most connections one listener holds at once.
 pub const MAX_CONNECTIONS: usize = 10_000;
 /// How long connections in flight may finish when a listener stops.
 pub const DRAIN: Duration = Duration::from_secs(5);
+/// Shortest time between two view rebuilds.
+const MIN_REBUILD_GAP: Duration = Duration::from_millis(20);
 
 /// The current view, as the request path reads it.
 pub type ViewRx = watch::Receiver<Arc<View>>;
@@ -258,7 +262,11 @@ async fn sync_loop(
     bind_errors: Arc<Mutex<BTreeMap<String, String>>>,
     stop: CancellationToken,
 ) {
-    let mut changed = shared.hub().subscribe_all();
+    // Only what a view is made of; KV and session writes do not rebuild it.
+    let mut kinds: Vec<watch::Receiver<u64>> = [Kind::Routes, Kind::Services, Kind::Checks, Kind::Nodes]
+        .into_iter()
+        .map(|k| shared.hub().subscribe(k))
+        .collect();
     let mut tcp: BTreeMap<String, TcpRoute> = BTreeMap::new();
     loop {
         let view = {
@@ -267,9 +275,18 @@ async fn sync_loop(
         };
         tx.send_replace(view.clone());
         reconcile_tcp(&view, &tx, ip, &mut tcp, &bind_errors);
+        // Under a stream of registrations, rebuild at most every
+        // `MIN_REBUILD_GAP` (each rebuild scans the route's instances).
         tokio::select! {
             _ = stop.cancelled() => break,
-            r = changed.changed() => if r.is_err() { break },
+            _ = tokio::time::sleep(MIN_REBUILD_GAP) => {}
+        }
+        let changed = futures_util::future::select_all(
+            kinds.iter_mut().map(|rx| Box::pin(rx.changed())),
+        );
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            (r, _, _) = changed => if r.is_err() { break },
         }
     }
     let closing: Vec<_> = std::mem::take(&mut tcp)
