@@ -278,7 +278,7 @@ impl HttpProxy {
             }
             tried.push(up.id.clone());
             let Some(permit) = self.gates.enter(&up.addr).await else {
-                state.stats.error(ErrorKind::NoUpstream);
+                state.stats.error(ErrorKind::Busy);
                 return answer(
                     StatusCode::SERVICE_UNAVAILABLE,
                     json!({

@@ -115,8 +115,8 @@ impl Listener {
         self.addr
     }
 
-    /// Stops accepting (the port is closed when this returns's first step
-    /// is done), lets connections finish for `drain`, then drops the rest.
+    /// Stops accepting (the port closes as soon as the accept loop has
+    /// ended), lets connections finish for `drain`, then drops the rest.
     pub async fn shutdown(self, drain: Duration) {
         self.stop.cancel();
         let _ = self.accept.await;
@@ -263,10 +263,11 @@ async fn sync_loop(
     stop: CancellationToken,
 ) {
     // Only what a view is made of; KV and session writes do not rebuild it.
-    let mut kinds: Vec<watch::Receiver<u64>> = [Kind::Routes, Kind::Services, Kind::Checks, Kind::Nodes]
-        .into_iter()
-        .map(|k| shared.hub().subscribe(k))
-        .collect();
+    let mut kinds: Vec<watch::Receiver<u64>> =
+        [Kind::Routes, Kind::Services, Kind::Checks, Kind::Nodes]
+            .into_iter()
+            .map(|k| shared.hub().subscribe(k))
+            .collect();
     let mut tcp: BTreeMap<String, TcpRoute> = BTreeMap::new();
     loop {
         let view = {
@@ -281,9 +282,8 @@ async fn sync_loop(
             _ = stop.cancelled() => break,
             _ = tokio::time::sleep(MIN_REBUILD_GAP) => {}
         }
-        let changed = futures_util::future::select_all(
-            kinds.iter_mut().map(|rx| Box::pin(rx.changed())),
-        );
+        let changed =
+            futures_util::future::select_all(kinds.iter_mut().map(|rx| Box::pin(rx.changed())));
         tokio::select! {
             _ = stop.cancelled() => break,
             (r, _, _) = changed => if r.is_err() { break },

@@ -28,15 +28,19 @@ pub enum ErrorKind {
     Status5xx,
     /// The exchange broke after it started (reset, bad response, body error).
     Io,
+    /// The upstream already had as many requests in flight through this
+    /// node as it may (the request was refused with a 503).
+    Busy,
 }
 
 impl ErrorKind {
-    const ALL: [ErrorKind; 5] = [
+    const ALL: [ErrorKind; 6] = [
         ErrorKind::NoUpstream,
         ErrorKind::Connect,
         ErrorKind::Timeout,
         ErrorKind::Status5xx,
         ErrorKind::Io,
+        ErrorKind::Busy,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -46,6 +50,7 @@ impl ErrorKind {
             ErrorKind::Timeout => "timeout",
             ErrorKind::Status5xx => "status_5xx",
             ErrorKind::Io => "io",
+            ErrorKind::Busy => "busy",
         }
     }
 
@@ -62,7 +67,7 @@ pub struct Stats {
     in_flight: AtomicI64,
     bytes_in: AtomicU64,
     bytes_out: AtomicU64,
-    errors: [AtomicU64; 5],
+    errors: [AtomicU64; 6],
     latency_us: Mutex<Histogram<u64>>,
 }
 

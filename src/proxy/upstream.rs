@@ -35,7 +35,9 @@ pub const EJECT_AFTER: u32 = 3;
 pub const COOL_OFF: Duration = Duration::from_secs(5);
 /// Connect timeout when a route gives none.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Time to the response head (HTTP) when a route gives none.
+/// HTTP: bound on connect plus the wait for the response head (for a
+/// streamed upload, also the time the upstream takes to read the body)
+/// when a route gives none.
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// One instance as a route's upstream.
