@@ -47,7 +47,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -68,7 +68,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::matcher::{upstream_path, Head};
-use super::stats::{ErrorKind, Stats};
+use super::stats::{ErrorKind, OwnedInFlight, Stats};
 use super::upstream::{RouteState, Upstream};
 use super::{ConnFuture, Protocol, ViewRx};
 use crate::registry::{Balancer, Route};
@@ -227,7 +227,7 @@ impl HttpProxy {
             );
         };
         tracing::Span::current().record("route", state.name());
-        let route_mark = Mark::begin(state.stats.clone(), |s| s);
+        let route_mark = OwnedInFlight::begin(state.stats.clone());
         let route = &state.route;
         let Some(path) = req
             .uri()
@@ -289,7 +289,7 @@ impl HttpProxy {
                     }),
                 );
             };
-            let up_mark = Mark::begin(up.clone(), |u| &u.stats);
+            let up_mark = OwnedInFlight::begin(up.clone());
             let attempt_started = Instant::now();
             up.stats.bytes_in(bytes_in);
             let body = match &mut outgoing {
@@ -502,28 +502,6 @@ impl Gates {
     }
 }
 
-/// A request (or attempt) in flight on one `Stats` for as long as it
-/// lives. `Stats::begin` returns a guard that borrows the stats, and an
-/// answer's body must own what it holds; so the guard lives in a parked
-/// future that owns the `Arc` it borrows from. The first poll takes the
-/// mark; dropping the future releases it.
-struct Mark {
-    _parked: Pin<Box<dyn Future<Output = ()> + Send>>,
-}
-
-impl Mark {
-    fn begin<O: Send + Sync + 'static>(owner: Arc<O>, stats: fn(&O) -> &Stats) -> Mark {
-        let mut parked: Pin<Box<dyn Future<Output = ()> + Send>> = Box::pin(async move {
-            let _flight = stats(&owner).begin();
-            std::future::pending::<()>().await;
-        });
-        let mut cx = Context::from_waker(Waker::noop());
-        let polled = parked.as_mut().poll(&mut cx);
-        debug_assert!(polled.is_pending(), "a mark is parked until dropped");
-        Mark { _parked: parked }
-    }
-}
-
 /// The attempt that answered, held until its answer has been delivered:
 /// the request stays in flight on the route and the upstream, and keeps
 /// its place under the upstream's cap. Dropping it records the latency.
@@ -532,7 +510,7 @@ struct Exchange {
     up: Arc<Upstream>,
     started: Instant,
     attempt_started: Instant,
-    _marks: [Mark; 2],
+    _marks: [OwnedInFlight; 2],
     _permit: OwnedSemaphorePermit,
 }
 

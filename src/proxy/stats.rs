@@ -9,7 +9,7 @@
 //! range are clamped, never dropped. Recording never blocks on I/O.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
@@ -94,6 +94,37 @@ pub struct InFlight<'a>(&'a Stats);
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Something that holds a `Stats` (a route's counters, an upstream).
+pub trait HasStats: Send + Sync + 'static {
+    fn stats(&self) -> &Stats;
+}
+
+impl HasStats for Stats {
+    fn stats(&self) -> &Stats {
+        self
+    }
+}
+
+/// `InFlight` that owns its holder, for marks that must outlive a borrow
+/// (a response body keeps the request in flight until it has been sent).
+pub struct OwnedInFlight(Arc<dyn HasStats>);
+
+impl OwnedInFlight {
+    /// Counts a request on `owner`'s stats and marks it in flight.
+    pub fn begin(owner: Arc<dyn HasStats>) -> Self {
+        let s = owner.stats();
+        s.requests.fetch_add(1, Ordering::Relaxed);
+        s.in_flight.fetch_add(1, Ordering::Relaxed);
+        OwnedInFlight(owner)
+    }
+}
+
+impl Drop for OwnedInFlight {
+    fn drop(&mut self) {
+        self.0.stats().in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

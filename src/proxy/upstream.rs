@@ -26,7 +26,7 @@ use serde_json::{json, Value};
 
 use super::balance::{self, Candidate};
 use super::matcher::Table;
-use super::stats::Stats;
+use super::stats::{HasStats, Stats};
 use crate::registry::{parse_duration, HealthStatus, Protocol, Registry, Route, ServiceInstance};
 
 /// Consecutive failures that eject an upstream.
@@ -85,6 +85,12 @@ impl Upstream {
     pub fn is_ejected(&self, now: Instant) -> bool {
         let g = self.ejected_until.lock().unwrap_or_else(|p| p.into_inner());
         matches!(*g, Some(t) if t > now)
+    }
+}
+
+impl HasStats for Upstream {
+    fn stats(&self) -> &Stats {
+        &self.stats
     }
 }
 
