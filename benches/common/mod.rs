@@ -1,12 +1,13 @@
-//! Harness shared by the `health` and `watch` benchmarks (`mod common;` in each).
+//! Harness shared by the `health`, `watch` and `proxy` benchmarks (`mod common;` in each).
 //!
 //! Owns: starting a three-node cluster of real `raftmesh agent` processes on 127.0.0.1, .2 and
-//! .3 (port 0, addresses read back from each node's `addrs.json`, one temporary dir per node
-//! holding its data dir and `node.log`), waiting for an agreed leader, the nodes' log tails and
-//! WARN/ERROR counts, locating or building the raftmesh binary, environment knobs, RSS and CPU
-//! ticks from `/proc`, the progress line on stderr and the latency and size formatting of the
-//! reports. Does not own any load, phase, knob set or report layout: each bench adds the
-//! requests it needs in its own `impl Cluster` block and renders its own tables.
+//! .3 (port 0, optionally each node's proxy too, addresses read back from each node's
+//! `addrs.json`, one temporary dir per node holding its data dir and `node.log`), waiting for
+//! an agreed leader, the nodes' log tails and WARN/ERROR counts, locating or building the
+//! raftmesh binary, environment knobs, RSS and CPU ticks from `/proc`, the progress line on
+//! stderr and the latency and size formatting of the reports. Does not own any load, phase,
+//! knob set or report layout: each bench adds the requests it needs in its own `impl Cluster`
+//! block and renders its own tables.
 //!
 //! Invariants: every process started here is a [`Proc`], killed (SIGKILL, by pid) and reaped
 //! when dropped, so also when the program unwinds or Ctrl-C drops the running future; servers
@@ -75,6 +76,21 @@ pub fn env_flag(name: &str) -> bool {
 
 /// A child process that is killed (by pid, SIGKILL) and reaped when dropped.
 pub struct Proc(Child);
+
+impl Proc {
+    /// Guards a process a bench spawned itself (a load generator, another server).
+    pub fn new(child: Child) -> Self {
+        Proc(child)
+    }
+
+    pub fn id(&self) -> u32 {
+        self.0.id()
+    }
+
+    pub fn child(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
 
 impl Drop for Proc {
     fn drop(&mut self) {
@@ -238,6 +254,8 @@ pub struct Node {
     _dir: TempDir,
     log: PathBuf,
     pub api: String,
+    /// The node's proxy address (`proxy_addr` in `addrs.json`), when started with one.
+    pub proxy: Option<String>,
     proc: Proc,
 }
 
@@ -257,6 +275,27 @@ impl Cluster {
         extra_args: &[String],
         keep: bool,
         http: reqwest::Client,
+    ) -> Result<Self> {
+        Self::start_nodes(bin, extra_args, keep, http, false).await
+    }
+
+    /// As [`Cluster::start`], and each node also runs its proxy on port 0 of its own IP
+    /// (`--proxy-addr <ip>:0`), read back into [`Node::proxy`].
+    pub async fn start_with_proxy(
+        bin: &Path,
+        extra_args: &[String],
+        keep: bool,
+        http: reqwest::Client,
+    ) -> Result<Self> {
+        Self::start_nodes(bin, extra_args, keep, http, true).await
+    }
+
+    async fn start_nodes(
+        bin: &Path,
+        extra_args: &[String],
+        keep: bool,
+        http: reqwest::Client,
+        proxy: bool,
     ) -> Result<Self> {
         let mut nodes: Vec<Node> = Vec::new();
         for (i, ip) in IPS.iter().enumerate() {
@@ -280,6 +319,9 @@ impl Cluster {
             if !nodes.is_empty() {
                 let join: Vec<&str> = nodes.iter().map(|n| n.api.as_str()).collect();
                 args.extend(["--join".into(), join.join(",")]);
+            }
+            if proxy {
+                args.extend(["--proxy-addr".into(), format!("{ip}:0")]);
             }
             args.extend(extra_args.iter().cloned());
             let log = dir.path().join("node.log");
@@ -307,12 +349,21 @@ impl Cluster {
             })
             .await?;
             let api = addrs["api_addr"].as_str().context("no api_addr")?;
-            progress!("node{id} pid {pid} api {api}");
+            let proxy_addr = addrs["proxy_addr"].as_str().map(String::from);
+            ensure!(
+                !proxy || proxy_addr.is_some(),
+                "node{id} started with --proxy-addr but addrs.json has no proxy_addr"
+            );
+            match &proxy_addr {
+                Some(p) => progress!("node{id} pid {pid} api {api} proxy {p}"),
+                None => progress!("node{id} pid {pid} api {api}"),
+            }
             let (_dir, api) = (dir, api.to_string());
             nodes.push(Node {
                 _dir,
                 log,
                 api,
+                proxy: proxy_addr,
                 proc,
             });
         }

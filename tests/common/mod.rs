@@ -106,6 +106,9 @@ pub struct Addrs {
     pub name: String,
     pub api_addr: String,
     pub peer_addr: String,
+    /// The proxy's bound HTTP address, when the node runs with `--proxy-addr`.
+    #[serde(default)]
+    pub proxy_addr: Option<String>,
     pub pid: u32,
 }
 
@@ -296,6 +299,17 @@ impl Cluster {
             .with_context(|| format!("node {id} has no known addresses yet"))?
             .api_addr
             .clone())
+    }
+
+    /// The bound HTTP proxy address of node `id` (it must run with `--proxy-addr`).
+    pub fn proxy_addr(&self, id: u64) -> Result<String> {
+        self.node(id)?
+            .addrs
+            .as_ref()
+            .with_context(|| format!("node {id} has no known addresses yet"))?
+            .proxy_addr
+            .clone()
+            .with_context(|| format!("node {id} runs no proxy (no proxy_addr in addrs.json)"))
     }
 
     /// Forms the cluster as the house rules say: node 1 `--bootstrap-expect 3`, node 2 joins 1,
