@@ -51,11 +51,11 @@ pub fn pick<C: Candidate>(
     Some(match lb {
         Balancer::RoundRobin => turn(),
         Balancer::LeastConnections => {
-            let start = turn();
-            (0..n)
-                .map(|i| (start + i) % n)
-                .min_by_key(|&i| cands[i].in_flight())
-                .expect("n > 1")
+            let least = cands.iter().map(Candidate::in_flight).min().expect("n > 1");
+            // Ties take turns among themselves, not from a rotating start
+            // (which would favour the one after a busy instance).
+            let tied: Vec<usize> = (0..n).filter(|&i| cands[i].in_flight() == least).collect();
+            tied[rr.fetch_add(1, Ordering::Relaxed) % tied.len()]
         }
         Balancer::Random => {
             let mut rng = rand::thread_rng();
@@ -147,6 +147,13 @@ mod tests {
         for _ in 0..10 {
             assert_eq!(pick(Balancer::LeastConnections, &c, None, &rr), Some(1));
         }
+        // Equally idle instances share evenly, whichever one is busy.
+        let c = vec![C("a", 4, 1), C("b", 0, 1), C("c", 0, 1)];
+        let mut hits = [0; 3];
+        for _ in 0..30 {
+            hits[pick(Balancer::LeastConnections, &c, None, &rr).expect("some")] += 1;
+        }
+        assert_eq!(hits, [0, 15, 15]);
     }
 
     #[test]
