@@ -1993,8 +1993,19 @@ async fn rm_setup(knobs: &Knobs, report: &mut Report) -> Result<RmCluster> {
     report
         .footprint
         .extend(c.footprint(&format!("after {} instances", res.ok)));
+    // Again after a quiet moment: how much of the figure is the load's
+    // transient (freed memory the allocator has not returned yet).
+    tokio::time::sleep(FOOTPRINT_SETTLE).await;
+    report.footprint.extend(c.footprint(&format!(
+        "after {} instances, {} s later",
+        res.ok,
+        FOOTPRINT_SETTLE.as_secs()
+    )));
     Ok(c)
 }
+
+/// Quiet time before the second footprint reading after the load.
+const FOOTPRINT_SETTLE: Duration = Duration::from_secs(5);
 
 /// One raftmesh throughput cell through the leader or a follower.
 async fn rm_cell(
