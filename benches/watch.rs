@@ -290,6 +290,12 @@ impl Progress {
         self.changed.notify_one();
     }
 
+    /// Waiter `w` will see nothing more: stop waiting for it.
+    fn retire(&self, w: usize) {
+        self.seen[w].store(u64::MAX, Ordering::Relaxed);
+        self.changed.notify_one();
+    }
+
     fn min(&self) -> u64 {
         self.seen
             .iter()
@@ -386,8 +392,23 @@ async fn blocking(
     log
 }
 
-/// An SSE stream: each event's `id` is the index it is at.
+/// An SSE stream: each event's `id` is the index it is at. A stream that
+/// ends or fails is retired from `p`, so later writes do not wait for it
+/// (its log still counts what it missed and why).
 async fn sse(
+    client: reqwest::Client,
+    url: String,
+    w: usize,
+    p: Arc<Progress>,
+    connecting: Arc<Semaphore>,
+    stop: CancellationToken,
+) -> Log {
+    let log = sse_stream(client, url, w, p.clone(), connecting, stop).await;
+    p.retire(w);
+    log
+}
+
+async fn sse_stream(
     client: reqwest::Client,
     url: String,
     w: usize,

@@ -108,8 +108,8 @@ impl Hub {
     /// the state machine wrote them; keys of no `Kind` are skipped) and wakes
     /// the waiters of every kind it touched.
     pub fn publish(&self, index: u64, changes: Vec<(String, Option<String>)>) {
-        // Owned: the state machine has written these to sled and hands them
-        // over, so the apply path copies no value.
+        // Owned: the hub keeps these as they come (the state machine gives
+        // the sled writer a copy of its own).
         let changes: Vec<Change> = changes
             .into_iter()
             .filter_map(|(key, value)| {

@@ -346,6 +346,11 @@ async fn cas_increments_under_contention_through_every_node() -> Result<()> {
         );
         ensure!(total > 0, "no CAS increment succeeded");
         eprintln!("{total} of {} CAS increments won", ATTEMPTS * 6);
+        // The final value alone would also hold if `?cas` were ignored and the
+        // clients never interleaved: a stale index must be refused.
+        let stale = e.modify_index - 1;
+        let (ok, _) = put(&consul(&c, 2)?, "counter", "stale", Some(stale)).await?;
+        ensure!(!ok, "a PUT with a stale ?cas ({stale}) was accepted");
         // Deletes through rs-consul: a stale ?cas refuses, the current one removes the key,
         // and a blocked reader on another node sees it go (404 with a higher index).
         let (e, index) = get(

@@ -1014,53 +1014,83 @@ async fn kv_checks_owned_by(c: &Cluster, on: u64, owner: u64) -> Result<Vec<Stri
         .collect())
 }
 
-/// One round of the node-kill test: a client loop on every other node's proxy, SIGKILL
-/// `victim`, wait until the survivors agree on a leader (a new one if `victim` led) and the
-/// victim's checks have moved to a live node and still pass, keep the loops going a while,
-/// and require that no request failed; then restart `victim` and require that its proxy
-/// serves the route again. Returns whether `victim` led when it was killed, and a line for
+/// One round of the node-kill test: a client loop on every node's proxy; right before the
+/// kill, pick the victim by role (`leader`: the current leader, else a follower), SIGKILL it,
+/// wait until the survivors agree on a leader (a new one if the victim led) and every one of
+/// the service's checks is passing and owned by a survivor (the victim's moved), keep the
+/// survivors' loops going a while, and require that none of them failed a request; then
+/// restart the victim and require that its proxy serves the route again. Returns a line for
 /// the test's output.
-async fn kill_under_load(
-    c: &mut Cluster,
-    victim: u64,
-    backends: &[Backend],
-) -> Result<(bool, String)> {
+async fn kill_under_load(c: &mut Cluster, leader: bool, backends: &[Backend]) -> Result<String> {
     let ids = c.ids();
-    let was_leader = c.wait_for_leader(&ids).await? == victim;
-    let survivors = others(&ids, victim);
-    let owned = kv_checks_owned_by(c, survivors[0], victim).await?;
     let mut loops = Vec::new();
-    for &id in &survivors {
+    for &id in &ids {
         loops.push((id, Traffic::start(&c.proxy_addr(id)?, "/kv/ping")?));
     }
     for (_, l) in &loops {
         l.wait_ok(c, 0, 20).await?;
     }
+    // Chosen only now, so a leadership change during the set-up cannot swap the roles.
+    let current = c.wait_for_leader(&ids).await?;
+    let victim = if leader {
+        current
+    } else {
+        others(&ids, current)[0]
+    };
+    let survivors = others(&ids, victim);
+    // The victim's own loop goes with it (dropping it stops it).
+    loops.retain(|(id, _)| *id != victim);
+    let owned = kv_checks_owned_by(c, survivors[0], victim).await?;
+    ensure!(
+        !owned.is_empty(),
+        "node {victim} owns none of the kv checks"
+    );
+    let all_checks: BTreeSet<String> = c
+        .get(survivors[0], "/v1/health/checks/kv")
+        .await?
+        .expect_200("checks")?
+        .json()?
+        .as_array()
+        .context("checks")?
+        .iter()
+        .filter_map(|chk| chk["CheckID"].as_str().map(str::to_string))
+        .collect();
+    ensure!(
+        all_checks.len() == backends.len(),
+        "one check per backend: {all_checks:?}"
+    );
     let st = c.kill(victim)?;
     ensure!(
         !st.success(),
         "node {victim} exited cleanly instead of being killed: {st}"
     );
     let killed = Instant::now();
-    let leader = c
+    let was_leader = victim == current;
+    let leader_now = c
         .wait_for_leader_where(&survivors, "a leader among the survivors", |l| l != victim)
         .await?;
     let elected = killed.elapsed();
     let what = format!("node {victim}'s checks {owned:?} to move to a live node and pass");
     c.eventually(WAIT, &what, async || {
         let v = c
-            .get(leader, "/v1/health/checks/kv")
+            .get(leader_now, "/v1/health/checks/kv")
             .await?
             .expect_200("checks")?
             .json()?;
+        let mut seen = BTreeSet::new();
         for chk in v.as_array().context("checks")? {
             let id = chk["CheckID"].as_str().unwrap_or_default();
             ensure!(
-                chk["OwnerID"] != victim,
-                "{id} is still owned by {victim}: {chk}"
+                survivors.iter().any(|s| chk["OwnerID"] == *s),
+                "{id} is not owned by a survivor {survivors:?}: {chk}"
             );
             ensure!(chk["Status"] == "passing", "{id}: {chk}");
+            seen.insert(id.to_string());
         }
+        ensure!(
+            seen == all_checks,
+            "checks now {seen:?}, before {all_checks:?}"
+        );
         Ok(())
     })
     .await?;
@@ -1087,8 +1117,8 @@ async fn kill_under_load(
         );
     }
     let line = format!(
-        "killed node {victim} (leader: {was_leader}): leader {leader} after {elected:?}, its checks \
-         {owned:?} moved after {moved:?}; loops: {seen:?}"
+        "killed node {victim} (leader: {was_leader}): leader {leader_now} after {elected:?}, its \
+         checks {owned:?} moved after {moved:?}; loops: {seen:?}"
     );
 
     c.start(victim).await?;
@@ -1098,7 +1128,7 @@ async fn kill_under_load(
     for i in 0..3 {
         backend_of(&http, &proxy, &format!("/kv/after/{i}"), &[]).await?;
     }
-    Ok((was_leader, line))
+    Ok(line)
 }
 
 /// Every node runs a proxy; the backends' checks are owned one per node. SIGKILL a follower,
@@ -1131,17 +1161,8 @@ async fn proxies_on_surviving_nodes_keep_serving_when_a_node_or_the_leader_is_ki
         for &id in &ids {
             wait_upstreams(&c, id, "kv", &names(&backends)).await?;
         }
-        let follower = others(&ids, leader)[0];
-        let (led, line) = kill_under_load(&mut c, follower, &backends).await?;
-        eprintln!("{line}");
-        ensure!(
-            !led,
-            "node {follower} was not a follower when it was killed"
-        );
-        let leader = c.wait_for_leader(&ids).await?;
-        let (led, line) = kill_under_load(&mut c, leader, &backends).await?;
-        eprintln!("{line}");
-        ensure!(led, "node {leader} was not the leader when it was killed");
+        eprintln!("{}", kill_under_load(&mut c, false, &backends).await?);
+        eprintln!("{}", kill_under_load(&mut c, true, &backends).await?);
         Ok(())
     }
     .await;
@@ -1221,7 +1242,6 @@ async fn a_route_change_through_node_1_reaches_node_3s_proxy_within_seconds() ->
 /// listener (connects are refused).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tcp_route_echoes_through_every_node_and_closes_when_deleted() -> Result<()> {
-    let port = free_port()?;
     let mut c = Cluster::new(&[])?;
     for id in c.ids() {
         c.add_flags(id, &["--proxy-addr", &format!("127.0.0.{id}:0")])?;
@@ -1229,6 +1249,9 @@ async fn a_tcp_route_echoes_through_every_node_and_closes_when_deleted() -> Resu
     let echoes = [Echo::start("echo-1").await?, Echo::start("echo-2").await?];
     let r = async {
         c.form().await?;
+        // Picked only now: `Cluster::new` may have waited for other tests,
+        // whose nodes and clients bind ports meanwhile.
+        let port = free_port()?;
         for e in &echoes {
             c.register(1, &e.instance("echo"))
                 .await?

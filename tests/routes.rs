@@ -152,7 +152,7 @@ async fn routes_replicate_wake_watchers_survive_restarts_and_refuse_bad_input() 
         );
         let gone = c.get(1, "/v1/routes/db").await?;
         ensure!(
-            gone.status == 404 && gone.index()? >= 1,
+            gone.status == 404 && gone.index()? >= del.index()?,
             "after delete: {}",
             gone.status
         );

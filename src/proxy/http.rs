@@ -68,7 +68,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::matcher::{upstream_path, Head};
-use super::stats::{ErrorKind, OwnedInFlight, Stats};
+use super::stats::{ErrorKind, InFlight, Stats};
 use super::upstream::{RouteState, Upstream};
 use super::{ConnFuture, Protocol, ViewRx};
 use crate::registry::{Balancer, Route};
@@ -227,7 +227,7 @@ impl HttpProxy {
             );
         };
         tracing::Span::current().record("route", state.name());
-        let route_mark = OwnedInFlight::begin(state.stats.clone());
+        let route_mark = InFlight::begin(state.stats.clone());
         let route = &state.route;
         let Some(path) = req
             .uri()
@@ -289,7 +289,7 @@ impl HttpProxy {
                     }),
                 );
             };
-            let up_mark = OwnedInFlight::begin(up.clone());
+            let up_mark = InFlight::begin(up.clone());
             let attempt_started = Instant::now();
             up.stats.bytes_in(bytes_in);
             let body = match &mut outgoing {
@@ -311,9 +311,7 @@ impl HttpProxy {
             let resp = match outcome {
                 Ok(resp) => resp,
                 Err(f) => {
-                    up.report(false);
-                    up.stats.error(f.kind);
-                    state.stats.error(f.kind);
+                    state.failed(&up, f.kind);
                     tracing::debug!(upstream = %up.id, addr = %up.addr, kind = f.kind.as_str(),
                         detail = %f.detail, "attempt failed");
                     // Sent once, an upgrade may have reached the upstream.
@@ -326,9 +324,7 @@ impl HttpProxy {
                 }
             };
             if resp.status().is_server_error() {
-                up.report(false);
-                up.stats.error(ErrorKind::Status5xx);
-                state.stats.error(ErrorKind::Status5xx);
+                state.failed(&up, ErrorKind::Status5xx);
             } else {
                 up.report(true);
             }
@@ -510,19 +506,20 @@ struct Exchange {
     up: Arc<Upstream>,
     started: Instant,
     attempt_started: Instant,
-    _marks: [OwnedInFlight; 2],
+    _marks: [InFlight; 2],
     _permit: OwnedSemaphorePermit,
 }
 
 impl Exchange {
-    fn bytes(&self, to_upstream: u64, to_client: u64) {
-        for s in [&*self.route, &self.up.stats] {
-            s.bytes_in(to_upstream);
-            s.bytes_out(to_client);
-        }
+    fn bytes_out(&self, n: u64) {
+        self.route.bytes_out(n);
+        self.up.stats.bytes_out(n);
     }
 
-    fn error(&self, kind: ErrorKind) {
+    /// Counts a failure of the exchange on the route and the upstream, which
+    /// also counts towards the upstream's ejection.
+    fn failed(&self, kind: ErrorKind) {
+        self.up.report(false);
         self.route.error(kind);
         self.up.stats.error(kind);
     }
@@ -556,13 +553,13 @@ impl Body for Metered {
             Poll::Pending => {}
             Poll::Ready(Some(Ok(frame))) => {
                 if let (Some(data), Some(x)) = (frame.data_ref(), &this.exchange) {
-                    x.bytes(0, data.len() as u64);
+                    x.bytes_out(data.len() as u64);
                 }
             }
             Poll::Ready(Some(Err(e))) => {
                 if let Some(x) = this.exchange.take() {
                     tracing::debug!(upstream = %x.up.id, error = %e, "response body broke");
-                    x.error(ErrorKind::Io);
+                    x.failed(ErrorKind::Io);
                 }
             }
             Poll::Ready(None) => this.exchange = None,
@@ -636,6 +633,7 @@ fn relay(
 ) -> Response<RespBody> {
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let Some(client_upgrade) = client_upgrade else {
+            exchange.failed(ErrorKind::Io);
             return answer(
                 StatusCode::BAD_GATEWAY,
                 json!({
@@ -679,23 +677,20 @@ async fn tunnel(client: OnUpgrade, upstream: OnUpgrade, exchange: Exchange) {
         Ok(Ok(pair)) => pair,
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "upgrade handover failed");
-            exchange.error(ErrorKind::Io);
+            exchange.failed(ErrorKind::Io);
             return;
         }
         Err(_) => {
             tracing::debug!("upgrade handover timed out");
-            exchange.error(ErrorKind::Timeout);
+            exchange.failed(ErrorKind::Timeout);
             return;
         }
     };
-    let mut client = TokioIo::new(client);
-    let mut upstream = TokioIo::new(upstream);
-    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        Ok((to_upstream, to_client)) => exchange.bytes(to_upstream, to_client),
-        Err(e) => {
-            tracing::debug!(error = %e, "upgraded stream broke");
-            exchange.error(ErrorKind::Io);
-        }
+    let (client, upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+    let (route, up) = (exchange.route.clone(), exchange.up.clone());
+    if let Err(e) = super::tcp::pipe(client, upstream, route, up, super::tcp::IDLE_TIMEOUT).await {
+        tracing::debug!(error = %e, "upgraded stream broke");
+        exchange.failed(ErrorKind::Io);
     }
 }
 
@@ -1362,8 +1357,9 @@ mod tests {
                 s.read_exact(&mut back).await.expect("echo");
                 assert_eq!(back, msg);
             }
+            s
         };
-        tokio::time::timeout(WAIT, exchange)
+        let s = tokio::time::timeout(WAIT, exchange)
             .await
             .expect("upgrade round trip within the deadline");
         let stats = proxy.stats("ws");
@@ -1372,5 +1368,15 @@ mod tests {
             stats["stats"]["in_flight"], 1,
             "the tunnel is open: {stats}"
         );
+        // Closing the client ends the tunnel, which counted the bytes of
+        // both messages each way as they passed.
+        drop(s);
+        eventually("the tunnel to close", || {
+            proxy.stats("ws")["stats"]["in_flight"] == 0
+        })
+        .await;
+        let stats = proxy.stats("ws");
+        assert_eq!(stats["stats"]["bytes_in"], 18, "{stats}");
+        assert_eq!(stats["stats"]["bytes_out"], 18, "{stats}");
     }
 }

@@ -88,15 +88,6 @@ impl Default for Stats {
     }
 }
 
-/// Marks one request (or connection) in flight until dropped.
-pub struct InFlight<'a>(&'a Stats);
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 /// Something that holds a `Stats` (a route's counters, an upstream).
 pub trait HasStats: Send + Sync + 'static {
     fn stats(&self) -> &Stats;
@@ -108,21 +99,27 @@ impl HasStats for Stats {
     }
 }
 
-/// `InFlight` that owns its holder, for marks that must outlive a borrow
-/// (a response body keeps the request in flight until it has been sent).
-pub struct OwnedInFlight(Arc<dyn HasStats>);
+/// Marks one request (or connection) in flight on its holder's stats until
+/// dropped. Owns the holder, so a response body can keep the request in
+/// flight until it has been sent.
+pub struct InFlight(Arc<dyn HasStats>);
 
-impl OwnedInFlight {
-    /// Counts a request on `owner`'s stats and marks it in flight.
+impl InFlight {
+    /// Counts a request (or TCP connection) and marks it in flight.
     pub fn begin(owner: Arc<dyn HasStats>) -> Self {
-        let s = owner.stats();
-        s.requests.fetch_add(1, Ordering::Relaxed);
-        s.in_flight.fetch_add(1, Ordering::Relaxed);
-        OwnedInFlight(owner)
+        owner.stats().request();
+        Self::hold(owner)
+    }
+
+    /// Marks one more in flight without counting a request (an upstream's
+    /// share of a connection whose attempts were counted already).
+    pub fn hold(owner: Arc<dyn HasStats>) -> Self {
+        owner.stats().in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(owner)
     }
 }
 
-impl Drop for OwnedInFlight {
+impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.stats().in_flight.fetch_sub(1, Ordering::Relaxed);
     }
@@ -150,20 +147,6 @@ pub struct Latency {
 }
 
 impl Stats {
-    /// Counts a request (or TCP connection) and marks it in flight.
-    pub fn begin(&self) -> InFlight<'_> {
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(self)
-    }
-
-    /// Marks one more upstream in flight without counting a request (an
-    /// upstream's share of a request the route already counted).
-    pub fn hold(&self) -> InFlight<'_> {
-        self.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(self)
-    }
-
     pub fn in_flight(&self) -> i64 {
         self.in_flight.load(Ordering::Relaxed)
     }
@@ -234,9 +217,9 @@ mod tests {
 
     #[test]
     fn counts_requests_errors_and_latency() {
-        let s = Stats::default();
+        let s = Arc::new(Stats::default());
         {
-            let _g = s.begin();
+            let _g = InFlight::begin(s.clone());
             assert_eq!(s.in_flight(), 1);
             s.error(ErrorKind::Connect);
             s.retry();

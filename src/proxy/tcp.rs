@@ -26,12 +26,12 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use super::stats::{ErrorKind, Stats};
+use super::stats::{ErrorKind, InFlight, Stats};
 use super::upstream::Upstream;
 use super::{ConnFuture, Protocol, ViewRx};
 
-/// A connection with no bytes either way for this long is closed (Envoy's
-/// TCP proxy default).
+/// A connection (TCP route or HTTP upgrade tunnel) with no bytes either
+/// way for this long is closed (Envoy's TCP proxy default).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// Proxies the connections of one TCP route.
@@ -62,7 +62,7 @@ impl TcpProxy {
             return;
         };
         let started = Instant::now();
-        let _flight = route.stats.begin();
+        let _flight = InFlight::begin(route.stats.clone());
         let key = peer.ip().to_string();
         let mut tried = Vec::new();
         let attempts = route.route.def.retries + 1;
@@ -86,66 +86,77 @@ impl TcpProxy {
                 }
                 Ok(Err(e)) => {
                     tracing::debug!(route = %self.route, upstream = %up.id, error = %e, "connect failed");
-                    up.report(false);
-                    up.stats.error(ErrorKind::Connect);
-                    route.stats.error(ErrorKind::Connect);
+                    route.failed(&up, ErrorKind::Connect);
                 }
-                Err(_) => {
-                    up.report(false);
-                    up.stats.error(ErrorKind::Timeout);
-                    route.stats.error(ErrorKind::Timeout);
-                }
+                Err(_) => route.failed(&up, ErrorKind::Timeout),
             }
         }
-        let Some((up, mut upstream)) = connected else {
+        let Some((up, upstream)) = connected else {
             if tried.is_empty() {
                 route.stats.error(ErrorKind::NoUpstream);
             }
             return;
         };
-        let _up_flight = up.stats.hold();
-        let mut client = Metered {
-            inner: client,
-            last: Arc::new(AtomicU64::new(0)),
-            epoch: Instant::now(),
-            route: route.stats.clone(),
-            up: up.clone(),
-        };
-        let last = client.last.clone();
-        let epoch = client.epoch;
-        let idle = self.idle;
-        let idled_out = async move {
-            loop {
-                let quiet = epoch
-                    .elapsed()
-                    .saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
-                if quiet >= idle {
-                    return;
-                }
-                tokio::time::sleep(idle - quiet).await;
-            }
-        };
-        tokio::select! {
-            r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {
-                if let Err(e) = r {
-                    tracing::debug!(route = %self.route, error = %e, "TCP stream broke");
-                    route.stats.error(ErrorKind::Io);
-                    up.stats.error(ErrorKind::Io);
-                }
-            }
-            _ = idled_out => {
-                tracing::debug!(route = %self.route, ?idle, "closing idle TCP connection");
-            }
+        let _up_flight = InFlight::hold(up.clone());
+        let r = pipe(client, upstream, route.stats.clone(), up.clone(), self.idle).await;
+        if let Err(e) = r {
+            tracing::debug!(route = %self.route, error = %e, "TCP stream broke");
+            route.stats.error(ErrorKind::Io);
+            up.stats.error(ErrorKind::Io);
         }
         route.stats.latency(started.elapsed());
         up.stats.latency(started.elapsed());
     }
 }
 
+/// Copies bytes both ways between `client` and `upstream` until either
+/// closes or neither sends for `idle` (then `Ok`, the connection is done),
+/// counting them on the route's and the upstream's stats as they pass.
+/// Serves TCP routes and HTTP upgrade tunnels alike.
+pub(super) async fn pipe<C, U>(
+    client: C,
+    mut upstream: U,
+    route: Arc<Stats>,
+    up: Arc<Upstream>,
+    idle: Duration,
+) -> io::Result<()>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut client = Metered {
+        inner: client,
+        last: Arc::new(AtomicU64::new(0)),
+        epoch: Instant::now(),
+        route,
+        up,
+    };
+    let last = client.last.clone();
+    let epoch = client.epoch;
+    let idled_out = async move {
+        loop {
+            let quiet = epoch
+                .elapsed()
+                .saturating_sub(Duration::from_millis(last.load(Ordering::Relaxed)));
+            if quiet >= idle {
+                return;
+            }
+            tokio::time::sleep(idle - quiet).await;
+        }
+    };
+    tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => r.map(|_| ()),
+        _ = idled_out => {
+            tracing::debug!(?idle, "closing idle connection");
+            Ok(())
+        }
+    }
+}
+
 /// The client side of a proxied connection: counts bytes both ways as
 /// they pass and notes when the last one did (for the idle timeout).
-struct Metered {
-    inner: TcpStream,
+struct Metered<S> {
+    inner: S,
     /// Milliseconds after `epoch` of the last byte either way.
     last: Arc<AtomicU64>,
     epoch: Instant,
@@ -153,14 +164,14 @@ struct Metered {
     up: Arc<Upstream>,
 }
 
-impl Metered {
+impl<S> Metered<S> {
     fn touch(&self) {
         let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.last.store(ms, Ordering::Relaxed);
     }
 }
 
-impl AsyncRead for Metered {
+impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -178,7 +189,7 @@ impl AsyncRead for Metered {
     }
 }
 
-impl AsyncWrite for Metered {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

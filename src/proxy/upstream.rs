@@ -26,7 +26,7 @@ use serde_json::{json, Value};
 
 use super::balance::{self, Candidate};
 use super::matcher::Table;
-use super::stats::{HasStats, Stats};
+use super::stats::{ErrorKind, HasStats, Stats};
 use crate::registry::{parse_duration, HealthStatus, Protocol, Registry, Route, ServiceInstance};
 
 /// Consecutive failures that eject an upstream.
@@ -139,6 +139,14 @@ impl RouteState {
             .collect();
         let from = if usable.is_empty() { fresh } else { usable };
         balance::pick(self.route.def.lb, &from, key, &self.rr).map(|i| from[i].clone())
+    }
+
+    /// Counts a failed attempt on `up`: on both stats, and towards `up`'s
+    /// ejection.
+    pub fn failed(&self, up: &Upstream, kind: ErrorKind) {
+        up.report(false);
+        up.stats.error(kind);
+        self.stats.error(kind);
     }
 
     /// The stats endpoint's answer for this route.

@@ -192,9 +192,6 @@ const LINGER: Duration = Duration::from_micros(500);
 /// round. Only waits when more writers were active than have arrived, so a
 /// lone writer never waits.
 async fn gather(rx: &mut mpsc::Receiver<Proposal>, batch: &mut Vec<Proposal>, target: usize) {
-    if batch.len() >= target {
-        return;
-    }
     let deadline = tokio::time::Instant::now() + LINGER;
     while batch.len() < target {
         let room = MAX_BATCH - batch.len();

@@ -197,6 +197,7 @@ impl Shared {
 
 /// Most records queued for the writer; `apply` waits for room beyond that.
 const WRITER_QUEUE: usize = 64;
+const WRITE_FAILED: &str = "an earlier state-machine write failed";
 
 enum WriterMsg {
     Record(AppliedRecord),
@@ -247,9 +248,7 @@ impl Writer {
 
     async fn write(&self, record: AppliedRecord) -> Result<(), StorageError> {
         if self.failed.load(Ordering::Acquire) {
-            return Err(sm_write_err(std::io::Error::other(
-                "an earlier state-machine write failed",
-            )));
+            return Err(sm_write_err(std::io::Error::other(WRITE_FAILED)));
         }
         self.tx
             .send(WriterMsg::Record(record))
@@ -289,16 +288,14 @@ fn write_loop(
                 WriterMsg::Barrier(b) => barriers.push(b),
             }
         }
-        let res = match merged {
-            Some(record) if !failed.load(Ordering::Acquire) => write_record(tree, &record),
-            _ => Ok(()),
-        };
-        if let Err(e) = &res {
-            tracing::error!(error = %e, "writing applied state to sled failed");
-            failed.store(true, Ordering::Release);
+        if let Some(record) = merged.filter(|_| !failed.load(Ordering::Acquire)) {
+            if let Err(e) = write_record(tree, &record) {
+                tracing::error!(error = %e, "writing applied state to sled failed");
+                failed.store(true, Ordering::Release);
+            }
         }
         let res = if failed.load(Ordering::Acquire) {
-            Err("an earlier state-machine write failed".to_string())
+            Err(WRITE_FAILED.to_string())
         } else {
             Ok(())
         };
@@ -536,6 +533,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             }
         }
         if let Some(i) = last_index {
+            // The writer and the hub each keep the changes: one copy.
             let record = AppliedRecord {
                 last_applied: self.last_applied,
                 changes: changes.clone(),
