@@ -297,9 +297,6 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
     }
     peer_stop.cancel();
     drain(&peer_tasks, "peer server").await;
-    if let Err(e) = node.shared().flush_applied().await {
-        tracing::warn!(error = %e, "applied state not fully written; the log replays it");
-    }
     db.flush_async().await.context("flushing sled")?;
     drop(node);
     tracing::info!("shutdown complete");

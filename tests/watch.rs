@@ -247,7 +247,9 @@ async fn applied_on_watched(c: &Cluster, want: &BTreeSet<String>) -> Result<()> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_stream_resumes_exactly_once_and_resyncs() -> Result<()> {
-    let mut c = Cluster::new(&[])?;
+    // Snapshots every 5 entries, so a restarted node's history (it replays the log from
+    // its last snapshot) starts past index 1.
+    let mut c = Cluster::new(&["--snapshot-every", "5"])?;
     let r = resumes_exactly_once_and_resyncs(&mut c).await;
     c.finish(r)
 }
@@ -330,8 +332,9 @@ async fn resumes_exactly_once_and_resyncs(c: &mut Cluster) -> Result<()> {
         "node {WATCHED} exited with {st} after SIGTERM"
     );
 
-    // The restarted node keeps history only from its applied index at startup: index 1 is
-    // older than that, so the stream starts with a resync holding the current state.
+    // The restarted node keeps history only from its last snapshot (it replays the log
+    // after it): index 1 is older than that, so the stream starts with a resync holding the
+    // current state.
     c.start(WATCHED).await?;
     let mut now = now;
     now.insert("web-fence".into());

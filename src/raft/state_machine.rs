@@ -1,36 +1,26 @@
 //! The openraft state-machine adapter: applies committed entries to the
-//! `Registry`, persists the result in sled and builds/installs snapshots.
+//! in-memory `Registry` and builds, stores and installs snapshots.
 //!
-//! Owns the `sm` tree (registry keys plus `meta/applied` and
-//! `meta/membership`) and the `snapshot` tree (`meta`, `data`). Does not
-//! interpret commands: `registry::Registry::apply` does, purely.
+//! Owns the `snapshot` tree (`meta`, `data`). Does not interpret commands:
+//! `registry::Registry::apply` does, purely.
 //!
 //! Invariants:
-//! - The applied pointer and the applied data change atomically, so after a
-//!   crash the stored state is exactly the state at the stored index. Each
-//!   apply writes one `AppliedRecord` (the new pointer *and* every key it
-//!   changes) as the single value of `meta/applied`, then the keys
-//!   themselves. sled makes a single-key write atomic and recovers a prefix
-//!   of the writes, so a key change on disk implies its record is on disk;
-//!   `open` replays the record (each change sets or removes a key, so a
-//!   replay is idempotent). Why not a sled batch: sled 0.34 writes its IO
-//!   buffer out twice for every batch, waiting for the disk each time, and
-//!   that was on every apply of every node.
-//! - Applies reach sled behind the answer: `apply` changes the in-memory
-//!   registry and hands the record to the `sm-writer` thread, which writes
-//!   records in apply order (merging whatever queued into one record, which
-//!   replays the same). Why: encoding and writing the record was on the
-//!   path of every write's answer, and the log already makes committed
-//!   entries durable: after a crash the stored state is that of some
-//!   earlier index, and openraft applies the log from there. The log is
-//!   only purged behind a snapshot, which is synced before purging and
-//!   restored at `open` when it is ahead of the stored state, so the
-//!   entries needed to catch up are always there. A snapshot install first
-//!   waits for the writer, so no older record lands on the installed state.
+//! - The applied state lives in memory; sled holds it as the latest
+//!   snapshot plus the log behind it (as Consul keeps its FSM in memory
+//!   beside raft-boltdb). `open` restores the stored snapshot and openraft
+//!   re-applies the log from there up to the stored committed index, so
+//!   after a restart or crash the state is that of every committed entry.
+//!   Why not write each apply to sled as well: it doubled the sled work of
+//!   every write on every node (the `sm-writer` thread and sled's IO
+//!   threads took about a fifth of the machine under 64 writers), grew the
+//!   data dir with every rewrite and held its pages in memory, and bought
+//!   nothing the log did not already give.
+//! - A snapshot is synced to disk before openraft may purge the log behind
+//!   it (`build_snapshot` returns only then), so the entries a restart
+//!   replays are always in the log. An installed snapshot is stored and
+//!   synced before the install returns.
 //! - The in-memory `Registry` behind `Shared::registry` is the state at
 //!   `Shared::applied` (readers take the lock, then read both consistently).
-//! - A snapshot is flushed to disk before openraft may purge the log behind
-//!   it, and the applied state it was built from is flushed with it.
 //!
 //! Concurrency: openraft's state-machine task is the only writer. API readers
 //! take the `std::sync::RwLock` for short, non-async critical sections; the
@@ -57,78 +47,16 @@ use super::types::{
 use crate::registry::{NodeEntry, Registry, Response};
 use crate::watch::Hub;
 
-const META_PREFIX: &[u8] = b"meta/";
-const APPLIED: &[u8] = b"meta/applied";
-const MEMBERSHIP: &[u8] = b"meta/membership";
-const SNAP_META: &[u8] = b"meta";
-
-/// The value of `meta/applied`; see the module invariants.
-#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
-struct AppliedRecord {
-    last_applied: Option<LogId>,
-    /// Keys as stored and `Some(value)` to set or `None` to remove; both are
-    /// UTF-8 (readable prefixes and ids, JSON values).
-    changes: Vec<(String, Option<String>)>,
-}
-
-impl AppliedRecord {
-    /// Folds a later record into this one: replaying the result equals
-    /// replaying both in order.
-    fn absorb(&mut self, later: AppliedRecord) {
-        self.last_applied = later.last_applied;
-        if later.changes.is_empty() {
-            return;
-        }
-        let mut at: std::collections::HashMap<String, usize> = self
-            .changes
-            .iter()
-            .enumerate()
-            .map(|(i, (k, _))| (k.clone(), i))
-            .collect();
-        for (k, v) in later.changes {
-            match at.get(&k) {
-                Some(&i) => self.changes[i].1 = v,
-                None => {
-                    at.insert(k.clone(), self.changes.len());
-                    self.changes.push((k, v));
-                }
-            }
-        }
-    }
-
-    /// Reads a stored record; data dirs from before records held the bare
-    /// pointer.
-    fn decode(v: &[u8]) -> Result<Self, StorageError> {
-        serde_json::from_slice::<AppliedRecord>(v).or_else(|_| {
-            serde_json::from_slice::<Option<LogId>>(v)
-                .map(|last_applied| AppliedRecord {
-                    last_applied,
-                    changes: Vec::new(),
-                })
-                .map_err(sm_read_err)
-        })
-    }
-}
-
+/// Storage keys and JSON values as the watch hub keeps them; both are
+/// UTF-8 by construction (readable prefixes and ids, JSON).
 fn utf8(bytes: Vec<u8>) -> Result<String, StorageError> {
     String::from_utf8(bytes).map_err(sm_write_err)
 }
 
-/// Writes a record's changes key by key.
-fn write_changes(tree: &sled::Tree, changes: &[(String, Option<String>)]) -> sled::Result<()> {
-    for (k, v) in changes {
-        match v {
-            Some(v) => {
-                tree.insert(k.as_bytes(), v.as_bytes())?;
-            }
-            None => {
-                tree.remove(k.as_bytes())?;
-            }
-        }
-    }
-    Ok(())
-}
+const SNAP_META: &[u8] = b"meta";
 const SNAP_DATA: &[u8] = b"data";
+/// The tree older versions kept the applied state in; dropped at `open`.
+const LEGACY_SM_TREE: &[u8] = b"sm";
 
 /// State shared between the state machine (writer) and every reader on the
 /// node: the API, and later the router and stream pipelines.
@@ -142,15 +70,12 @@ pub struct Shared {
     /// The change feed blocking queries and watch streams sleep on; fed
     /// after each apply, once the registry shows the change.
     hub: Hub,
-    /// Writes applied records to sled behind the answers.
-    writer: Writer,
 }
 
 impl Shared {
-    fn new(registry: Registry, writer: Writer) -> Self {
+    fn new(registry: Registry) -> Self {
         let (applied, _) = watch::channel(registry.last_index());
         Shared {
-            writer,
             hub: Hub::new(registry.last_index()),
             registry: RwLock::new(registry),
             applied,
@@ -187,136 +112,12 @@ impl Shared {
     pub fn snapshots_installed(&self) -> u64 {
         self.snapshots_installed.load(Ordering::Relaxed)
     }
-
-    /// Waits until everything applied so far has been written to sled (not
-    /// synced): shutdown calls it before the final flush.
-    pub async fn flush_applied(&self) -> Result<(), StorageError> {
-        self.writer.barrier().await
-    }
-}
-
-/// Most records queued for the writer; `apply` waits for room beyond that.
-const WRITER_QUEUE: usize = 64;
-const WRITE_FAILED: &str = "an earlier state-machine write failed";
-
-enum WriterMsg {
-    Record(AppliedRecord),
-    /// Answered once every record sent before it is written.
-    Barrier(tokio::sync::oneshot::Sender<Result<(), String>>),
-}
-
-/// The sending side of the `sm-writer` thread; see the module invariants.
-struct Writer {
-    tx: tokio::sync::mpsc::Sender<WriterMsg>,
-    /// Set by the thread when a write failed; later applies report it, which
-    /// stops openraft as a failed apply always did.
-    failed: Arc<std::sync::atomic::AtomicBool>,
-    /// Joined on drop, so the thread's handle on sled is gone with us.
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Drop for Writer {
-    fn drop(&mut self) {
-        // Closing our sender ends the thread once it has written the queue.
-        let (closed, _) = tokio::sync::mpsc::channel(1);
-        drop(std::mem::replace(&mut self.tx, closed));
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-impl Writer {
-    /// Starts the thread; it ends when the last sender is dropped.
-    fn spawn(tree: sled::Tree) -> std::io::Result<Self> {
-        let (tx, rx) = tokio::sync::mpsc::channel(WRITER_QUEUE);
-        let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let flag = failed.clone();
-        let thread = std::thread::Builder::new()
-            .name("sm-writer".into())
-            .spawn(move || write_loop(&tree, rx, &flag))?;
-        Ok(Writer {
-            tx,
-            failed,
-            thread: Some(thread),
-        })
-    }
-
-    fn stopped() -> StorageError {
-        sm_write_err(std::io::Error::other("state-machine writer stopped"))
-    }
-
-    async fn write(&self, record: AppliedRecord) -> Result<(), StorageError> {
-        if self.failed.load(Ordering::Acquire) {
-            return Err(sm_write_err(std::io::Error::other(WRITE_FAILED)));
-        }
-        self.tx
-            .send(WriterMsg::Record(record))
-            .await
-            .map_err(|_| Self::stopped())
-    }
-
-    async fn barrier(&self) -> Result<(), StorageError> {
-        let (done, rx) = tokio::sync::oneshot::channel();
-        self.tx
-            .send(WriterMsg::Barrier(done))
-            .await
-            .map_err(|_| Self::stopped())?;
-        rx.await
-            .map_err(|_| Self::stopped())?
-            .map_err(|e| sm_write_err(std::io::Error::other(e)))
-    }
-}
-
-/// The `sm-writer` thread: takes whatever is queued, writes it as one
-/// record (later changes of a key win) and then its keys.
-fn write_loop(
-    tree: &sled::Tree,
-    mut rx: tokio::sync::mpsc::Receiver<WriterMsg>,
-    failed: &std::sync::atomic::AtomicBool,
-) {
-    let mut msgs = Vec::new();
-    while rx.blocking_recv_many(&mut msgs, WRITER_QUEUE) > 0 {
-        let mut merged: Option<AppliedRecord> = None;
-        let mut barriers = Vec::new();
-        for msg in msgs.drain(..) {
-            match msg {
-                WriterMsg::Record(r) => match &mut merged {
-                    None => merged = Some(r),
-                    Some(m) => m.absorb(r),
-                },
-                WriterMsg::Barrier(b) => barriers.push(b),
-            }
-        }
-        if let Some(record) = merged.filter(|_| !failed.load(Ordering::Acquire)) {
-            if let Err(e) = write_record(tree, &record) {
-                tracing::error!(error = %e, "writing applied state to sled failed");
-                failed.store(true, Ordering::Release);
-            }
-        }
-        let res = if failed.load(Ordering::Acquire) {
-            Err(WRITE_FAILED.to_string())
-        } else {
-            Ok(())
-        };
-        for b in barriers {
-            let _ = b.send(res.clone());
-        }
-    }
-}
-
-/// The record first, then its keys: see the module invariants.
-fn write_record(tree: &sled::Tree, record: &AppliedRecord) -> Result<(), String> {
-    let bytes = serde_json::to_vec(record).map_err(|e| e.to_string())?;
-    tree.insert(APPLIED, bytes).map_err(|e| e.to_string())?;
-    write_changes(tree, &record.changes).map_err(|e| e.to_string())
 }
 
 /// The sled-backed state machine openraft drives.
 pub struct StateMachineStore {
     /// Makes snapshots and installed state durable before openraft relies on them.
     syncer: Syncer,
-    sm: sled::Tree,
     snap: sled::Tree,
     shared: Arc<Shared>,
     last_applied: Option<LogId>,
@@ -364,48 +165,23 @@ fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StorageError> {
 }
 
 impl StateMachineStore {
-    /// Opens the state machine persisted in `db`, restoring from the stored
-    /// snapshot if it is ahead of the stored state.
+    /// Opens the state machine persisted in `db`: the stored snapshot's
+    /// state, or empty; openraft re-applies the log behind it.
     pub async fn open(db: &sled::Db, syncer: Syncer) -> Result<Self, StorageError> {
-        let sm = db.open_tree("sm").map_err(sm_read_err)?;
+        // Applied state is no longer kept beside the snapshot; the snapshot
+        // and the log behind it hold everything an older data dir's tree did.
+        db.drop_tree(LEGACY_SM_TREE).map_err(sm_write_err)?;
         let snap = db.open_tree("snapshot").map_err(sm_read_err)?;
-        let read_json = |k: &[u8]| -> Result<Option<Vec<u8>>, StorageError> {
-            Ok(sm.get(k).map_err(sm_read_err)?.map(|v| v.to_vec()))
-        };
-        let record = match read_json(APPLIED)? {
-            Some(v) => AppliedRecord::decode(&v)?,
-            None => AppliedRecord::default(),
-        };
-        // The keys of the last apply may not all have reached the disk.
-        write_changes(&sm, &record.changes).map_err(sm_read_err)?;
-        let last_applied = record.last_applied;
-        let membership: StoredMembership = match read_json(MEMBERSHIP)? {
-            Some(v) => serde_json::from_slice(&v).map_err(sm_read_err)?,
-            None => StoredMembership::default(),
-        };
-        let mut entries = Vec::new();
-        for kv in sm.iter() {
-            let (k, v) = kv.map_err(sm_read_err)?;
-            if !k.starts_with(META_PREFIX) {
-                entries.push((k.to_vec(), v.to_vec()));
-            }
-        }
-        let registry =
-            Registry::load(entries, last_applied.map_or(0, |l| l.index)).map_err(sm_read_err)?;
-        let writer = Writer::spawn(sm.clone()).map_err(sm_write_err)?;
         let mut store = StateMachineStore {
             syncer,
-            sm,
             snap,
-            shared: Arc::new(Shared::new(registry, writer)),
-            last_applied,
-            membership,
+            shared: Arc::new(Shared::new(Registry::new())),
+            last_applied: None,
+            membership: StoredMembership::default(),
             snapshot_seq: 0,
         };
         if let Some(s) = store.get_current_snapshot().await? {
-            if s.meta.last_log_id > store.last_applied {
-                store.restore(&s.meta, s.snapshot.into_inner())?;
-            }
+            store.restore(&s.meta, s.snapshot.into_inner())?;
         }
         Ok(store)
     }
@@ -414,25 +190,10 @@ impl StateMachineStore {
         self.shared.clone()
     }
 
-    /// Replaces the whole stored and in-memory state with a snapshot's.
+    /// Replaces the in-memory state with a snapshot's.
     fn restore(&mut self, meta: &SnapshotMeta, data: Vec<u8>) -> Result<(), StorageError> {
         let mut registry: Registry = serde_json::from_slice(&data).map_err(sm_read_err)?;
         registry.advance(meta.last_log_id.map_or(0, |l| l.index));
-        let mut batch = sled::Batch::default();
-        for k in self.sm.iter().keys() {
-            batch.remove(k.map_err(sm_read_err)?);
-        }
-        for (k, v) in registry.encode_all() {
-            batch.insert(k.encode(), v);
-        }
-        // One batch (rare: snapshot installs), so the record needs no changes.
-        let record = AppliedRecord {
-            last_applied: meta.last_log_id,
-            changes: Vec::new(),
-        };
-        batch.insert(APPLIED, encode(&record)?);
-        batch.insert(MEMBERSHIP, encode(&meta.last_membership)?);
-        self.sm.apply_batch(batch).map_err(sm_write_err)?;
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
         self.shared.replace(registry);
@@ -496,7 +257,6 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 .write()
                 .unwrap_or_else(|p| p.into_inner());
             let mut touched = Vec::new();
-            let mut membership_changed = false;
             for entry in entries {
                 let index = entry.log_id.index;
                 self.last_applied = Some(entry.log_id);
@@ -514,7 +274,6 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     EntryPayload::Membership(m) => {
                         self.membership = StoredMembership::new(Some(entry.log_id), m);
                         touched.extend(reg.set_members(index, members_of(&self.membership)));
-                        membership_changed = true;
                         responses.push(Response::None);
                     }
                 }
@@ -525,20 +284,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 let value = reg.encode_value(&k).map(utf8).transpose()?;
                 changes.push((utf8(k.encode())?, value));
             }
-            if membership_changed {
-                changes.push((
-                    utf8(MEMBERSHIP.to_vec())?,
-                    Some(utf8(encode(&self.membership)?)?),
-                ));
-            }
         }
         if let Some(i) = last_index {
-            // The writer and the hub each keep the changes: one copy.
-            let record = AppliedRecord {
-                last_applied: self.last_applied,
-                changes: changes.clone(),
-            };
-            self.shared.writer.write(record).await?;
             self.shared.hub.publish(i, changes);
             self.shared.applied.send_replace(i);
         }
@@ -567,8 +314,6 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
-        // No record of an earlier apply may land on the installed state.
-        self.shared.writer.barrier().await?;
         let mut batch = sled::Batch::default();
         batch.insert(SNAP_META, encode(meta)?);
         batch.insert(SNAP_DATA, data.clone());
@@ -614,7 +359,7 @@ pub fn peer_of(n: &NodeEntry) -> PeerNode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::{Command, ServiceSpec, StateKey};
+    use crate::registry::{Command, ServiceSpec};
     use openraft::CommittedLeaderId;
 
     fn log_id(index: u64) -> LogId {
@@ -645,102 +390,100 @@ mod tests {
         (db, sm)
     }
 
-    #[tokio::test]
-    async fn a_record_whose_keys_did_not_all_land_is_replayed_at_open() {
-        let dir = tempfile::tempdir().expect("temp dir");
-        {
-            let (db, mut sm) = open(dir.path()).await;
-            let entry = Entry {
-                log_id: log_id(1),
-                payload: EntryPayload::Normal(register("a")),
-            };
-            sm.apply([entry]).await.expect("apply 1");
-            sm.shared().flush_applied().await.expect("apply 1 written");
-            // A crash after apply 2 wrote its record but before its key landed:
-            // write exactly that by hand.
-            let mut reg = Registry::new();
-            reg.apply(1, &register("a"));
-            reg.apply(2, &register("b"));
-            let key = StateKey::Service("b".into());
-            let value = reg.encode_value(&key).expect("b encodes");
-            let record = AppliedRecord {
-                last_applied: Some(log_id(2)),
-                changes: vec![(
-                    String::from_utf8(key.encode()).expect("utf8"),
-                    Some(String::from_utf8(value).expect("utf8")),
-                )],
-            };
-            let tree = db.open_tree("sm").expect("sm tree");
-            tree.insert(APPLIED, serde_json::to_vec(&record).expect("encode"))
-                .expect("write record");
-            assert!(tree.get(key.encode()).expect("read").is_none());
-            db.flush().expect("flush");
+    fn entry(i: u64) -> Entry {
+        Entry {
+            log_id: log_id(i),
+            payload: EntryPayload::Normal(register(&format!("s{i}"))),
         }
-        let (_db, mut sm) = open(dir.path()).await;
-        let (applied, _) = sm.applied_state().await.expect("applied state");
-        assert_eq!(applied, Some(log_id(2)));
-        let shared = sm.shared();
-        let reg = shared.read();
-        assert!(reg.service("a").is_some(), "apply 1 kept");
-        let b = reg.service("b").expect("apply 2 replayed from its record");
-        assert_eq!(b.modify_index, 2);
-    }
-
-    #[test]
-    fn merged_records_replay_like_the_records_in_order() {
-        let rec = |i, changes: &[(&str, Option<&str>)]| AppliedRecord {
-            last_applied: Some(log_id(i)),
-            changes: changes
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.map(str::to_string)))
-                .collect(),
-        };
-        let mut m = rec(1, &[("a", Some("1")), ("b", Some("1"))]);
-        m.absorb(rec(2, &[("b", None), ("c", Some("2"))]));
-        m.absorb(rec(3, &[]));
-        m.absorb(rec(4, &[("c", Some("4")), ("b", Some("4"))]));
-        assert_eq!(m.last_applied, Some(log_id(4)));
-        let got: std::collections::BTreeMap<_, _> = m.changes.into_iter().collect();
-        let want: std::collections::BTreeMap<_, _> = [
-            ("a".to_string(), Some("1".to_string())),
-            ("b".to_string(), Some("4".to_string())),
-            ("c".to_string(), Some("4".to_string())),
-        ]
-        .into_iter()
-        .collect();
-        assert_eq!(got, want);
     }
 
     #[tokio::test]
-    async fn applies_reach_sled_behind_the_answer_and_survive_reopen() {
+    async fn a_restart_resumes_from_the_last_snapshot_and_replays_the_rest() {
         let dir = tempfile::tempdir().expect("temp dir");
         {
             let (_db, mut sm) = open(dir.path()).await;
-            for i in 1..=50u64 {
-                let entry = Entry {
-                    log_id: log_id(i),
-                    payload: EntryPayload::Normal(register(&format!("s{i}"))),
-                };
-                sm.apply([entry]).await.expect("apply");
-            }
-            sm.shared().flush_applied().await.expect("written");
+            sm.apply((1..=50).map(entry)).await.expect("apply 1..50");
+            let snap = sm
+                .get_snapshot_builder()
+                .await
+                .build_snapshot()
+                .await
+                .expect("snapshot");
+            assert_eq!(snap.meta.last_log_id, Some(log_id(50)));
+            sm.apply((51..=60).map(entry)).await.expect("apply 51..60");
+            assert!(sm.shared().read().service("s60").is_some());
         }
         let (_db, mut sm) = open(dir.path()).await;
         let (applied, _) = sm.applied_state().await.expect("applied state");
-        assert_eq!(applied, Some(log_id(50)));
+        assert_eq!(
+            applied,
+            Some(log_id(50)),
+            "openraft re-applies the log from the snapshot on"
+        );
+        {
+            let shared = sm.shared();
+            let reg = shared.read();
+            assert_eq!(reg.last_index(), 50);
+            for i in 1..=50u64 {
+                assert!(reg.service(&format!("s{i}")).is_some(), "s{i} restored");
+            }
+            assert!(reg.service("s51").is_none(), "past the snapshot: the log's");
+        }
+        // The replay openraft does from the log lands on the restored state.
+        sm.apply((51..=60).map(entry)).await.expect("replay 51..60");
         let shared = sm.shared();
         let reg = shared.read();
-        for i in 1..=50u64 {
-            assert!(reg.service(&format!("s{i}")).is_some(), "s{i} stored");
-        }
+        assert_eq!(reg.services().count(), 60);
+        assert_eq!(shared.applied_index(), 60);
     }
 
-    #[test]
-    fn reads_the_bare_pointer_of_older_data_dirs() {
-        let old = serde_json::to_vec(&Some(log_id(7))).expect("encode");
-        let r = AppliedRecord::decode(&old).expect("decodes");
-        assert_eq!(r.last_applied, Some(log_id(7)));
-        assert!(r.changes.is_empty());
-        assert!(AppliedRecord::decode(b"{oops").is_err());
+    #[tokio::test]
+    async fn an_installed_snapshot_survives_a_restart() {
+        let src_dir = tempfile::tempdir().expect("temp dir");
+        let (_src_db, mut src) = open(src_dir.path()).await;
+        src.apply((1..=20).map(entry)).await.expect("apply");
+        let snap = src
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .expect("snapshot");
+        let dir = tempfile::tempdir().expect("temp dir");
+        {
+            let (_db, mut sm) = open(dir.path()).await;
+            sm.apply((1..=3).map(|i| Entry {
+                log_id: log_id(i),
+                payload: EntryPayload::Normal(register(&format!("old{i}"))),
+            }))
+            .await
+            .expect("apply");
+            sm.install_snapshot(&snap.meta, snap.snapshot)
+                .await
+                .expect("install");
+            assert!(sm.shared().read().service("old1").is_none(), "replaced");
+        }
+        let (_db, mut sm) = open(dir.path()).await;
+        let (applied, _) = sm.applied_state().await.expect("applied state");
+        assert_eq!(applied, Some(log_id(20)));
+        let shared = sm.shared();
+        let reg = shared.read();
+        assert_eq!(reg.services().count(), 20);
+        assert!(reg.service("old1").is_none());
+    }
+
+    #[tokio::test]
+    async fn an_older_data_dirs_applied_state_tree_is_dropped() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        {
+            let (db, _sm) = open(dir.path()).await;
+            let legacy = db.open_tree(LEGACY_SM_TREE).expect("tree");
+            legacy.insert(b"svc/x", b"{}".as_slice()).expect("insert");
+            db.flush().expect("flush");
+        }
+        let (db, _sm) = open(dir.path()).await;
+        assert!(
+            !db.tree_names().iter().any(|n| n.as_ref() == LEGACY_SM_TREE),
+            "the old tree is gone"
+        );
     }
 }

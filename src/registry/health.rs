@@ -594,13 +594,6 @@ mod tests {
                 failed: true,
             },
         );
-        let pairs: Vec<(Vec<u8>, Vec<u8>)> = reg
-            .encode_all()
-            .into_iter()
-            .map(|(k, v)| (k.encode(), v))
-            .collect();
-        let loaded = Registry::load(pairs, reg.last_index()).expect("loads");
-        assert_eq!(loaded, reg);
         let snap: Registry =
             serde_json::from_slice(&serde_json::to_vec(&reg).expect("encodes")).expect("decodes");
         assert_eq!(snap, reg);

@@ -35,16 +35,19 @@ pub enum Kind {
     Kv = 3,
     Sessions = 4,
     Routes = 5,
+    /// Stream definitions and their subscriptions.
+    Streams = 6,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Nodes,
         Kind::Services,
         Kind::Checks,
         Kind::Kv,
         Kind::Sessions,
         Kind::Routes,
+        Kind::Streams,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -55,6 +58,7 @@ impl Kind {
             Kind::Kv => "kv",
             Kind::Sessions => "sessions",
             Kind::Routes => "routes",
+            Kind::Streams => "streams",
         }
     }
 
@@ -75,6 +79,7 @@ impl Kind {
             "kv" => Some(Kind::Kv),
             "sess" => Some(Kind::Sessions),
             "route" => Some(Kind::Routes),
+            "stream" | "ssub" => Some(Kind::Streams),
             _ => None,
         }
     }
@@ -89,6 +94,7 @@ impl StateKey {
             StateKey::Kv(_) => Kind::Kv,
             StateKey::Session(_) => Kind::Sessions,
             StateKey::Route(_) => Kind::Routes,
+            StateKey::Stream(_) | StateKey::Subscription(..) => Kind::Streams,
         }
     }
 }

@@ -26,6 +26,7 @@ mod health;
 mod kv;
 mod meta;
 mod route;
+mod stream;
 mod validate;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -39,6 +40,10 @@ pub use meta::Meta;
 pub use route::{
     validate_name as validate_route_name, Balancer, HttpMatch, Protocol, Route, RouteDef,
     RouteError,
+};
+pub use stream::{
+    validate_name as validate_stream_name, Aggregate, BufferDef, Delivery, Policy, ProcessorDef,
+    Source, Stream, StreamDef, StreamError, Subscription, SubscriptionDef, WindowKind, WindowSpan,
 };
 pub use validate::{validate_check, validate_service, ValidationError};
 
@@ -158,7 +163,9 @@ pub enum Command {
         service: ServiceSpec,
     },
     /// Remove an instance and its checks; a missing id is a no-op.
-    DeregisterService { id: String },
+    DeregisterService {
+        id: String,
+    },
     /// Create or replace a check, owned (run) by `via_node`; bound to the
     /// instance `service_id` if given (which must exist), else a node check.
     RegisterCheck {
@@ -167,13 +174,20 @@ pub enum Command {
         check: CheckDef,
     },
     /// Remove a check; a missing id is a no-op.
-    DeregisterCheck { id: String },
+    DeregisterCheck {
+        id: String,
+    },
     /// Status changes decided by the leader (TTL) or a check's owner
     /// (HTTP/TCP); see `CheckUpdate`.
-    UpdateChecks { updates: Vec<CheckUpdate> },
+    UpdateChecks {
+        updates: Vec<CheckUpdate>,
+    },
     /// The leader's verdict on a member's liveness. Marking a node failed
     /// moves the HTTP/TCP checks it ran to live members.
-    SetNodeHealth { node: NodeId, failed: bool },
+    SetNodeHealth {
+        node: NodeId,
+        failed: bool,
+    },
     /// Write a KV entry, optionally under CAS or as a lock operation.
     KvSet(KvSet),
     /// Delete a key (or, with `recurse`, every key under the prefix).
@@ -186,11 +200,37 @@ pub enum Command {
     /// request; indexes are set at apply).
     SessionCreate(Session),
     /// Destroy (or, from the leader, expire) a session.
-    SessionDestroy { id: String },
+    SessionDestroy {
+        id: String,
+    },
     /// Create or replace a (validated) route.
-    PutRoute { name: String, def: RouteDef },
+    PutRoute {
+        name: String,
+        def: RouteDef,
+    },
     /// Remove a route; a missing name is a no-op.
-    DeleteRoute { name: String },
+    DeleteRoute {
+        name: String,
+    },
+    /// Create or replace a (validated, compiled) stream definition.
+    PutStream {
+        name: String,
+        def: StreamDef,
+    },
+    /// Remove a stream and its subscriptions; a missing name is a no-op.
+    DeleteStream {
+        name: String,
+    },
+    /// Create or replace a service subscription of an existing stream.
+    PutSubscription {
+        stream: String,
+        name: String,
+        def: SubscriptionDef,
+    },
+    DeleteSubscription {
+        stream: String,
+        name: String,
+    },
     /// Several commands committed as one entry (group commit), applied in
     /// order. Only the proposer builds batches, from single commands.
     Batch(Vec<Command>),
@@ -240,13 +280,24 @@ pub enum Response {
     RouteDeleted {
         existed: bool,
     },
+    StreamSet,
+    StreamDeleted {
+        existed: bool,
+    },
+    SubscriptionSet,
+    SubscriptionDeleted {
+        existed: bool,
+    },
+    /// The command names something that does not exist (a subscription's
+    /// stream).
+    NotFound(String),
     /// The command cannot apply (unknown session, node not live).
     Invalid(String),
     /// One response per command of a `Command::Batch`, in order.
     Batch(Vec<Response>),
 }
 
-/// One persisted unit of registry state.
+/// One unit of registry state, as the watch hub names changes.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum StateKey {
     Node(NodeId),
@@ -257,6 +308,9 @@ pub enum StateKey {
     Kv(String),
     Session(String),
     Route(String),
+    Stream(String),
+    /// (stream, subscription)
+    Subscription(String, String),
 }
 
 const NODE_PREFIX: &str = "node/";
@@ -266,9 +320,11 @@ const FAILED_PREFIX: &str = "nfail/";
 const KV_PREFIX: &str = "kv/";
 const SESSION_PREFIX: &str = "sess/";
 const ROUTE_PREFIX: &str = "route/";
+const STREAM_PREFIX: &str = "stream/";
+const SUBSCRIPTION_PREFIX: &str = "ssub/";
 
 impl StateKey {
-    /// The storage key: a readable prefix plus the id.
+    /// The change key: a readable prefix plus the id.
     pub fn encode(&self) -> Vec<u8> {
         match self {
             StateKey::Node(id) => format!("{NODE_PREFIX}{id:020}").into_bytes(),
@@ -278,20 +334,12 @@ impl StateKey {
             StateKey::Kv(k) => format!("{KV_PREFIX}{k}").into_bytes(),
             StateKey::Session(id) => format!("{SESSION_PREFIX}{id}").into_bytes(),
             StateKey::Route(name) => format!("{ROUTE_PREFIX}{name}").into_bytes(),
+            StateKey::Stream(name) => format!("{STREAM_PREFIX}{name}").into_bytes(),
+            StateKey::Subscription(stream, name) => {
+                format!("{SUBSCRIPTION_PREFIX}{stream}/{name}").into_bytes()
+            }
         }
     }
-}
-
-/// Errors decoding persisted state; they mean the data dir is damaged.
-#[derive(Debug, thiserror::Error)]
-pub enum DecodeError {
-    #[error("unknown state key {0:?}")]
-    UnknownKey(String),
-    #[error("corrupt value for {key}: {source}")]
-    Corrupt {
-        key: String,
-        source: serde_json::Error,
-    },
 }
 
 /// The applied registry state.
@@ -308,10 +356,13 @@ pub struct Registry {
     kv: BTreeMap<String, Box<KvEntry>>,
     sessions: BTreeMap<String, Box<Session>>,
     routes: BTreeMap<String, Box<Route>>,
+    streams: BTreeMap<String, Box<Stream>>,
+    /// stream → subscription name → subscription.
+    subscriptions: BTreeMap<String, BTreeMap<String, Box<Subscription>>>,
     last_index: u64,
     /// Derived from `checks`: `(instance id, check id)` pairs. A set of
     /// pairs, not a map of sets: a one-element B-tree costs a whole node.
-    /// Rebuilt on load and snapshot install, never persisted.
+    /// Rebuilt on snapshot restore, never persisted.
     #[serde(skip_serializing)]
     by_service: BTreeSet<(String, String)>,
 }
@@ -331,6 +382,10 @@ struct RegistryData {
     sessions: BTreeMap<String, Box<Session>>,
     #[serde(default)]
     routes: BTreeMap<String, Box<Route>>,
+    #[serde(default)]
+    streams: BTreeMap<String, Box<Stream>>,
+    #[serde(default)]
+    subscriptions: BTreeMap<String, BTreeMap<String, Box<Subscription>>>,
     last_index: u64,
 }
 
@@ -344,6 +399,8 @@ impl From<RegistryData> for Registry {
             kv: d.kv,
             sessions: d.sessions,
             routes: d.routes,
+            streams: d.streams,
+            subscriptions: d.subscriptions,
             last_index: d.last_index,
             by_service: BTreeSet::new(),
         };
@@ -461,6 +518,12 @@ impl Registry {
             Command::SessionDestroy { id } => self.session_destroy(index, id),
             Command::PutRoute { name, def } => self.put_route(index, name, def),
             Command::DeleteRoute { name } => self.delete_route(name),
+            Command::PutStream { name, def } => self.put_stream(index, name, def),
+            Command::DeleteStream { name } => self.delete_stream(name),
+            Command::PutSubscription { stream, name, def } => {
+                self.put_subscription(index, stream, name, def)
+            }
+            Command::DeleteSubscription { stream, name } => self.delete_subscription(stream, name),
         }
     }
 
@@ -519,73 +582,13 @@ impl Registry {
                 .routes
                 .get(name)
                 .map(|r| serde_json::to_vec(r).expect("Route serializes")),
+            StateKey::Stream(name) => self
+                .stream(name)
+                .map(|r| serde_json::to_vec(r).expect("Stream serializes")),
+            StateKey::Subscription(stream, name) => self
+                .subscription(stream, name)
+                .map(|r| serde_json::to_vec(r).expect("Subscription serializes")),
         }
-    }
-
-    /// Rebuilds state from persisted `(key, value)` pairs plus the applied index.
-    pub fn load<I>(entries: I, last_index: u64) -> Result<Self, DecodeError>
-    where
-        I: IntoIterator<Item = (Vec<u8>, Vec<u8>)>,
-    {
-        let mut reg = Registry {
-            last_index,
-            ..Registry::default()
-        };
-        for (k, v) in entries {
-            let key = String::from_utf8_lossy(&k).into_owned();
-            let corrupt = |source| DecodeError::Corrupt {
-                key: key.clone(),
-                source,
-            };
-            if key.starts_with(NODE_PREFIX) {
-                let n: NodeEntry = serde_json::from_slice(&v).map_err(corrupt)?;
-                reg.nodes.insert(n.id, n);
-            } else if key.starts_with(SERVICE_PREFIX) {
-                let s: ServiceInstance = serde_json::from_slice(&v).map_err(corrupt)?;
-                reg.services.insert(s.spec.id.clone(), Box::new(s));
-            } else if key.starts_with(CHECK_PREFIX) {
-                let c: Check = serde_json::from_slice(&v).map_err(corrupt)?;
-                reg.checks.insert(c.def.check_id.clone(), Box::new(c));
-            } else if let Some(id) = key.strip_prefix(FAILED_PREFIX) {
-                let id = id
-                    .parse()
-                    .map_err(|_| DecodeError::UnknownKey(key.clone()))?;
-                reg.failed.insert(id);
-            } else if key.starts_with(KV_PREFIX) {
-                let e: KvEntry = serde_json::from_slice(&v).map_err(corrupt)?;
-                reg.kv.insert(e.key.clone(), Box::new(e));
-            } else if key.starts_with(SESSION_PREFIX) {
-                let s: Session = serde_json::from_slice(&v).map_err(corrupt)?;
-                reg.sessions.insert(s.id.clone(), Box::new(s));
-            } else if key.starts_with(ROUTE_PREFIX) {
-                let r: Route = serde_json::from_slice(&v).map_err(corrupt)?;
-                reg.routes.insert(r.name.clone(), Box::new(r));
-            } else {
-                return Err(DecodeError::UnknownKey(key));
-            }
-        }
-        reg.rebuild_index();
-        Ok(reg)
-    }
-
-    /// Every `(key, value)` pair, for writing a whole state at once.
-    pub fn encode_all(&self) -> Vec<(StateKey, Vec<u8>)> {
-        let keys = self
-            .nodes
-            .keys()
-            .map(|id| StateKey::Node(*id))
-            .chain(
-                self.services
-                    .keys()
-                    .map(|id| StateKey::Service(id.to_string())),
-            )
-            .chain(self.checks.keys().map(|id| StateKey::Check(id.clone())))
-            .chain(self.failed.iter().map(|id| StateKey::NodeFailed(*id)))
-            .chain(self.kv.keys().map(|k| StateKey::Kv(k.clone())))
-            .chain(self.sessions.keys().map(|id| StateKey::Session(id.clone())))
-            .chain(self.routes.keys().map(|n| StateKey::Route(n.clone())));
-        keys.filter_map(|k| self.encode_value(&k).map(|v| (k, v)))
-            .collect()
     }
 
     pub fn nodes(&self) -> impl Iterator<Item = &NodeEntry> {
@@ -717,7 +720,7 @@ mod tests {
     }
 
     #[test]
-    fn persisted_encoding_round_trips() {
+    fn snapshot_encoding_round_trips() {
         let mut reg = Registry::new();
         reg.set_members(
             1,
@@ -731,13 +734,9 @@ mod tests {
         );
         register(&mut reg, 2, spec("a", "web", 1));
         register(&mut reg, 3, spec("b", "db", 2));
-        let pairs = reg
-            .encode_all()
-            .into_iter()
-            .map(|(k, v)| (k.encode(), v))
-            .collect::<Vec<_>>();
-        let loaded = Registry::load(pairs, reg.last_index()).expect("loads");
-        assert_eq!(loaded, reg);
+        let snap: Registry =
+            serde_json::from_slice(&serde_json::to_vec(&reg).expect("encodes")).expect("decodes");
+        assert_eq!(snap, reg);
     }
 
     #[test]
