@@ -17,4 +17,5 @@ pub mod node;
 pub mod proxy;
 pub mod raft;
 pub mod registry;
+pub mod stream;
 pub mod watch;

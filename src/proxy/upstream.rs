@@ -246,7 +246,7 @@ impl View {
 }
 
 /// `host:port` of an instance: its address, else its node's IP.
-fn address_of(reg: &Registry, s: &ServiceInstance) -> Option<String> {
+pub fn address_of(reg: &Registry, s: &ServiceInstance) -> Option<String> {
     let host = if s.spec.address.is_empty() {
         let node = reg.node(s.node)?;
         let sa: std::net::SocketAddr = node.api_addr.parse().ok()?;
