@@ -211,10 +211,13 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
         ),
         None => None,
     };
+    // Every stream definition runs on every node; events stay local.
+    let streams = crate::stream::Streams::start(node.shared().clone(), proxy.clone())
+        .context("starting streams")?;
     serve(
         &api_tasks,
         api_listener,
-        crate::api::router(health.clone(), proxy.clone()),
+        crate::api::router(health.clone(), proxy.clone(), streams.clone()),
         &api_stop,
         "API",
     );
@@ -276,6 +279,8 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
     api_stop.cancel();
     // Blocking queries and watch streams end now instead of at their wait.
     node.shared().hub().close();
+    // Producers are refused, buffered events drain, stream clients end.
+    streams.shutdown().await;
     drain(&api_tasks, "API server").await;
     let _ = proxy_done.await;
     drain(&bootstrap_tasks, "bootstrap").await;

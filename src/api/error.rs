@@ -11,6 +11,7 @@ use axum::Json;
 use crate::health::BeatError;
 use crate::raft::ClusterError;
 use crate::registry::ValidationError;
+use crate::stream::IngestError;
 
 /// A failed client request.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +32,8 @@ pub enum ApiError {
     Cluster(#[from] ClusterError),
     #[error(transparent)]
     Beat(#[from] BeatError),
+    #[error(transparent)]
+    Ingest(#[from] IngestError),
 }
 
 impl ApiError {
@@ -48,6 +51,12 @@ impl ApiError {
             ApiError::RequestTimeout => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
             ApiError::Beat(BeatError::UnknownCheck(_)) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::Beat(BeatError::NotTtl(_)) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ApiError::Ingest(i) => match i {
+                IngestError::UnknownStream(_) => (StatusCode::NOT_FOUND, "not_found"),
+                IngestError::Full { .. } => (StatusCode::TOO_MANY_REQUESTS, "stream_full"),
+                IngestError::TimedOut { .. } => (StatusCode::SERVICE_UNAVAILABLE, "stream_busy"),
+                IngestError::Stopping(_) => (StatusCode::SERVICE_UNAVAILABLE, "shutting_down"),
+            },
             ApiError::Cluster(c) => match c {
                 C::NoLeader | C::NotLeader => (StatusCode::SERVICE_UNAVAILABLE, "no_leader"),
                 C::NoQuorum(_) => (StatusCode::SERVICE_UNAVAILABLE, "no_quorum"),
@@ -61,15 +70,37 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// The JSON error body, as HTTP answers carry it (WebSocket peers get
+    /// the same, with `status`).
+    pub fn to_json(&self) -> serde_json::Value {
+        let (_, code) = self.status_and_code();
+        let mut body = serde_json::json!({ "error": code, "message": self.to_string() });
+        if let ApiError::Ingest(
+            IngestError::Full { accepted, .. } | IngestError::TimedOut { accepted, .. },
+        ) = &self
+        {
+            // The events before the refused one are in the stream: the
+            // producer resends from there.
+            body["accepted"] = serde_json::json!(accepted);
+        }
+        body
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.status_and_code().0
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let (status, code) = self.status_and_code();
+        let (status, _) = self.status_and_code();
         if status.is_server_error() {
             tracing::warn!(%status, error = %self, "request failed");
         }
-        let body = serde_json::json!({ "error": code, "message": self.to_string() });
+        let body = self.to_json();
         let mut res = (status, Json(body)).into_response();
-        if status == StatusCode::SERVICE_UNAVAILABLE {
+        if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
             res.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }

@@ -22,6 +22,7 @@ mod kv;
 mod native;
 mod route;
 mod session;
+mod stream;
 mod watch;
 
 use std::sync::Arc;
@@ -285,6 +286,13 @@ struct AppState {
     health: Arc<Health>,
     /// This node's routing proxy, when it runs one (`--proxy-addr`).
     proxy: Option<Arc<crate::proxy::Proxy>>,
+    streams: Arc<crate::stream::Streams>,
+}
+
+impl FromRef<AppState> for Arc<crate::stream::Streams> {
+    fn from_ref(s: &AppState) -> Self {
+        s.streams.clone()
+    }
 }
 
 impl FromRef<AppState> for Option<Arc<crate::proxy::Proxy>> {
@@ -306,11 +314,16 @@ impl FromRef<AppState> for Arc<Health> {
 }
 
 /// The client router over `health` (and the node it belongs to).
-pub fn router(health: Arc<Health>, proxy: Option<Arc<crate::proxy::Proxy>>) -> Router {
+pub fn router(
+    health: Arc<Health>,
+    proxy: Option<Arc<crate::proxy::Proxy>>,
+    streams: Arc<crate::stream::Streams>,
+) -> Router {
     let state = AppState {
         node: health.node().clone(),
         health,
         proxy,
+        streams,
     };
     Router::new()
         .route("/v1/agent/service/register", put(consul::register))
@@ -344,6 +357,27 @@ pub fn router(health: Arc<Health>, proxy: Option<Arc<crate::proxy::Proxy>>) -> R
             get(route::get).put(route::put).delete(route::delete),
         )
         .route("/v1/routes/{name}/stats", get(route::stats))
+        .route("/v1/streams", get(stream::list))
+        .route(
+            "/v1/streams/{name}",
+            get(stream::get).put(stream::put).delete(stream::delete),
+        )
+        .route(
+            "/v1/streams/{name}/events",
+            post(stream::events).get(stream::events),
+        )
+        .route("/v1/streams/{name}/subscribe", get(stream::subscribe))
+        .route("/v1/streams/{name}/stats", get(stream::stats))
+        .route(
+            "/v1/streams/{name}/subscriptions",
+            get(stream::list_subscriptions),
+        )
+        .route(
+            "/v1/streams/{name}/subscriptions/{sub}",
+            get(stream::get_subscription)
+                .put(stream::put_subscription)
+                .delete(stream::delete_subscription),
+        )
         .route("/v1/session/create", put(session::create))
         .route("/v1/session/destroy/{id}", put(session::destroy))
         .route("/v1/session/renew/{id}", put(session::renew))

@@ -126,10 +126,19 @@ pub struct HttpProxy {
     server: http1::Builder,
     /// The cap on requests in flight per upstream address.
     gates: Gates,
+    /// Where one event per request goes while a `_traffic` stream listens.
+    traffic: super::Traffic,
+}
+
+/// What a request met on its way, for its traffic event.
+#[derive(Default)]
+struct Seen {
+    route: Option<String>,
+    upstream: Option<String>,
 }
 
 impl HttpProxy {
-    pub fn new(view: ViewRx) -> Self {
+    pub fn new(view: ViewRx, traffic: super::Traffic) -> Self {
         let mut connector = HttpConnector::new();
         // Each route has its own connect timeout; `send` applies it.
         connector.set_connect_timeout(None);
@@ -150,6 +159,7 @@ impl HttpProxy {
             client,
             server,
             gates: Gates::default(),
+            traffic,
         }
     }
 
@@ -199,7 +209,28 @@ impl HttpProxy {
             method = %req.method(),
             path = %req.uri().path(),
         );
-        self.proxy(req, peer, tunnels).instrument(span).await
+        // Only built while some `_traffic` stream listens on this node.
+        let tap = (self.traffic.receiver_count() > 0)
+            .then(|| (req.method().to_string(), req.uri().path().to_string()));
+        let started = Instant::now();
+        let mut seen = Seen::default();
+        let resp = self
+            .proxy(req, peer, tunnels, &mut seen)
+            .instrument(span)
+            .await;
+        if let Some((method, path)) = tap {
+            let event = json!({
+                "route": seen.route,
+                "upstream": seen.upstream,
+                "method": method,
+                "path": path,
+                "status": resp.status().as_u16(),
+                "latency_ms": started.elapsed().as_secs_f64() * 1000.0,
+            });
+            // No receiver left is fine: the stream went away meanwhile.
+            let _ = self.traffic.send(Arc::new(event));
+        }
+        resp
     }
 
     async fn proxy(
@@ -207,6 +238,7 @@ impl HttpProxy {
         mut req: Request<Incoming>,
         peer: SocketAddr,
         tunnels: mpsc::Sender<Tunnel>,
+        seen: &mut Seen,
     ) -> Response<RespBody> {
         let started = Instant::now();
         let state = {
@@ -227,6 +259,7 @@ impl HttpProxy {
             );
         };
         tracing::Span::current().record("route", state.name());
+        seen.route = Some(state.name().to_string());
         let route_mark = InFlight::begin(state.stats.clone());
         let route = &state.route;
         let Some(path) = req
@@ -323,6 +356,7 @@ impl HttpProxy {
                     continue;
                 }
             };
+            seen.upstream = Some(up.id.clone());
             if resp.status().is_server_error() {
                 state.failed(&up, ErrorKind::Status5xx);
             } else {
@@ -978,8 +1012,12 @@ mod tests {
         async fn start(reg: &Registry) -> Proxy {
             let (view, rx) = watch::channel(Arc::new(View::build(reg, &View::default())));
             let tcp = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
-            let listener = Listener::start(tcp, Arc::new(HttpProxy::new(rx)), "test".into())
-                .expect("listener starts");
+            let listener = Listener::start(
+                tcp,
+                Arc::new(HttpProxy::new(rx, tokio::sync::broadcast::channel(16).0)),
+                "test".into(),
+            )
+            .expect("listener starts");
             Proxy {
                 addr: listener.local_addr(),
                 view,

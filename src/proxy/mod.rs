@@ -54,6 +54,14 @@ pub const DRAIN: Duration = Duration::from_secs(5);
 /// Shortest time between two view rebuilds.
 const MIN_REBUILD_GAP: Duration = Duration::from_millis(20);
 
+/// One JSON event per HTTP request through this node's proxy (route,
+/// upstream, method, path, status, latency to the response head), for the
+/// `_traffic` stream source. A broadcast: a slow reader loses the oldest
+/// events and is told how many.
+pub type Traffic = tokio::sync::broadcast::Sender<Arc<serde_json::Value>>;
+/// Traffic events held for the slowest reader.
+const TRAFFIC_BACKLOG: usize = 4096;
+
 /// The current view, as the request path reads it.
 pub type ViewRx = watch::Receiver<Arc<View>>;
 
@@ -189,6 +197,7 @@ pub struct Proxy {
     stop: CancellationToken,
     sync: Mutex<Option<tokio::task::JoinHandle<()>>>,
     http: Mutex<Option<Listener>>,
+    traffic: Traffic,
 }
 
 impl Proxy {
@@ -198,9 +207,10 @@ impl Proxy {
         let http_addr = http.local_addr()?;
         let first = View::build(&shared.read(), &View::default());
         let (tx, view) = watch::channel(Arc::new(first));
+        let traffic = tokio::sync::broadcast::channel(TRAFFIC_BACKLOG).0;
         let listener = Listener::start(
             http,
-            Arc::new(http::HttpProxy::new(view.clone())),
+            Arc::new(http::HttpProxy::new(view.clone(), traffic.clone())),
             "http routes".into(),
         )?;
         let stop = CancellationToken::new();
@@ -219,7 +229,13 @@ impl Proxy {
             stop,
             sync: Mutex::new(Some(sync)),
             http: Mutex::new(Some(listener)),
+            traffic,
         }))
+    }
+
+    /// A reader of this node's traffic events (see `Traffic`).
+    pub fn traffic(&self) -> tokio::sync::broadcast::Receiver<Arc<serde_json::Value>> {
+        self.traffic.subscribe()
     }
 
     pub fn http_addr(&self) -> SocketAddr {
