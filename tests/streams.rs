@@ -690,3 +690,65 @@ async fn sources_body(c: &mut Cluster) -> Result<()> {
     }
     Ok(())
 }
+
+// ------------------------------------------------------------------ WebSocket
+
+/// A WebSocket producer's messages (a JSON array, then NDJSON) are answered with what was
+/// accepted, and a WebSocket subscriber on the same node receives the output events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_ingest_and_subscribe() -> Result<()> {
+    let mut c = Cluster::new(&[])?;
+    let r = websocket_body(&mut c).await;
+    c.finish(r)
+}
+
+async fn websocket_body(c: &mut Cluster) -> Result<()> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    c.form().await?;
+    put_stream(
+        c,
+        1,
+        "ws",
+        &json!({"processors": [{"type": "filter", "expr": "event.n % 2 == 0"}]}),
+    )
+    .await?;
+    running_on(c, &[3], "ws").await?;
+    let api = c.api_addr(3)?;
+    let (mut sub, _) =
+        tokio_tungstenite::connect_async(format!("ws://{api}/v1/streams/ws/subscribe")).await?;
+    let (mut producer, _) =
+        tokio_tungstenite::connect_async(format!("ws://{api}/v1/streams/ws/events")).await?;
+    let mut reply = async |text: String| -> Result<Value> {
+        producer.send(Message::text(text)).await?;
+        loop {
+            let m = tokio::time::timeout(WAIT, producer.next())
+                .await?
+                .context("producer socket closed")??;
+            if let Message::Text(t) = m {
+                return Ok(serde_json::from_str(t.as_str())?);
+            }
+        }
+    };
+    let r = reply(json!([{"n": 1}, {"n": 2}, {"n": 3}]).to_string()).await?;
+    ensure!(r["accepted"] == 3, "array message: {r}");
+    let r = reply("{\"n\": 4}\n{\"n\": 5}\n".to_string()).await?;
+    ensure!(r["accepted"] == 2, "NDJSON message: {r}");
+    let r = reply("{oops".to_string()).await?;
+    ensure!(r["status"] == 400, "a bad message is answered 400: {r}");
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let m = tokio::time::timeout(WAIT, sub.next())
+            .await?
+            .context("subscriber socket closed")??;
+        if let Message::Text(t) = m {
+            got.push(serde_json::from_str::<Value>(t.as_str())?);
+        }
+    }
+    ensure!(
+        got == [json!({"n": 2}), json!({"n": 4})],
+        "subscriber got {got:?}"
+    );
+    Ok(())
+}

@@ -534,6 +534,8 @@ impl StreamRunner {
     /// Stops taking events; the worker drains the buffer, then ends.
     async fn retire(&self) {
         self.input.close();
+        // Sources stop now; the worker ends once it has drained the buffer.
+        self.stop.cancel();
         // Clients of this generation end with it.
         lock(&self.outputs).clients.clear();
         let tasks = std::mem::take(&mut *lock(&self.tasks));
@@ -543,7 +545,6 @@ impl StreamRunner {
                 abort.abort();
             }
         }
-        self.stop.cancel();
     }
 
     /// Hands output events to clients and subscriptions.
