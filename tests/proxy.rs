@@ -28,7 +28,7 @@ use axum::http::{StatusCode, Uri};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
-use common::{Cluster, Resp, WAIT};
+use common::{Cluster, Resp, TestServer, WAIT};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
@@ -61,9 +61,7 @@ struct Backend {
     name: String,
     addr: SocketAddr,
     state: Arc<BackendState>,
-    /// Graceful shutdown: stop accepting, finish requests in flight, close idle connections.
-    stop: CancellationToken,
-    task: Option<JoinHandle<()>>,
+    server: TestServer,
 }
 
 /// Counts a held request until it is answered or dropped.
@@ -100,8 +98,6 @@ async fn answer(State(s): State<Arc<BackendState>>, uri: Uri) -> impl IntoRespon
 
 impl Backend {
     async fn start(name: &str) -> Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
         let state = Arc::new(BackendState {
             name: name.to_string(),
             healthy: AtomicBool::new(true),
@@ -113,19 +109,12 @@ impl Backend {
             .route("/health", get(health))
             .fallback(answer)
             .with_state(state.clone());
-        let stop = CancellationToken::new();
-        let signal = stop.clone();
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { signal.cancelled().await })
-                .await;
-        });
+        let server = TestServer::start(app).await?;
         Ok(Backend {
             name: name.to_string(),
-            addr,
+            addr: server.addr,
             state,
-            stop,
-            task: Some(task),
+            server,
         })
     }
 
@@ -170,23 +159,17 @@ impl Backend {
 
     /// Stops gracefully; its port then refuses connections.
     async fn stop(&mut self) -> Result<()> {
-        self.stop.cancel();
-        if let Some(t) = self.task.take() {
-            tokio::time::timeout(Duration::from_secs(10), t)
-                .await
-                .with_context(|| format!("backend {} did not shut down", self.name))??;
-        }
-        Ok(())
+        self.server
+            .stop()
+            .await
+            .with_context(|| format!("backend {}", self.name))
     }
 }
 
 impl Drop for Backend {
     fn drop(&mut self) {
+        // Held requests end before the server (dropped next) stops.
         self.release();
-        self.stop.cancel();
-        if let Some(t) = self.task.take() {
-            t.abort();
-        }
     }
 }
 

@@ -18,13 +18,8 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use common::Cluster;
+use common::{Cluster, TestServer, WAIT};
 use serde_json::{json, Value};
-use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
-
-const WAIT: Duration = Duration::from_secs(30);
 
 // ------------------------------------------------------------------ receivers
 
@@ -43,8 +38,7 @@ struct Receiver {
     name: String,
     addr: SocketAddr,
     state: Arc<ReceiverState>,
-    stop: CancellationToken,
-    task: Option<JoinHandle<()>>,
+    server: TestServer,
 }
 
 async fn take(State(s): State<Arc<ReceiverState>>, Json(batch): Json<Vec<Value>>) -> StatusCode {
@@ -70,8 +64,6 @@ async fn health(State(s): State<Arc<ReceiverState>>) -> StatusCode {
 
 impl Receiver {
     async fn start(name: &str) -> Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
         let state = Arc::new(ReceiverState {
             got: Mutex::new(Vec::new()),
             batches: AtomicU64::new(0),
@@ -82,19 +74,12 @@ impl Receiver {
             .route("/events", post(take))
             .route("/health", get(health))
             .with_state(state.clone());
-        let stop = CancellationToken::new();
-        let signal = stop.clone();
-        let task = tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { signal.cancelled().await })
-                .await;
-        });
+        let server = TestServer::start(app).await?;
         Ok(Receiver {
             name: name.to_string(),
-            addr,
+            addr: server.addr,
             state,
-            stop,
-            task: Some(task),
+            server,
         })
     }
 
@@ -119,21 +104,8 @@ impl Receiver {
 
     /// Stops answering: the port refuses connections from now on.
     async fn kill(&mut self) -> Result<()> {
-        self.stop.cancel();
-        if let Some(t) = self.task.take() {
-            t.abort();
-            let _ = t.await;
-        }
+        self.server.kill().await;
         Ok(())
-    }
-}
-
-impl Drop for Receiver {
-    fn drop(&mut self) {
-        self.stop.cancel();
-        if let Some(t) = self.task.take() {
-            t.abort();
-        }
     }
 }
 

@@ -71,6 +71,14 @@ impl ApiError {
 }
 
 impl ApiError {
+    /// A write answered with a `Response` its handler does not expect: a
+    /// bug, reported rather than guessed at.
+    pub fn unexpected(what: &str, answer: &crate::registry::Response) -> Self {
+        ApiError::Cluster(ClusterError::Internal(format!(
+            "a {what} write answered {answer:?}"
+        )))
+    }
+
     /// The JSON error body, as HTTP answers carry it (WebSocket peers get
     /// the same, with `status`).
     pub fn to_json(&self) -> serde_json::Value {

@@ -205,9 +205,7 @@ fn outcome(node: &RaftNode, index: u64, r: Outcome) -> Result<Response, ApiError
     match r {
         Outcome::Kv(ok) => Ok(write_response(node, index, Some(json!(ok)))),
         Outcome::Invalid(msg) => Err(ApiError::BadRequest(msg)),
-        other => Err(ApiError::Cluster(crate::raft::ClusterError::Internal(
-            format!("a KV write answered {other:?}"),
-        ))),
+        other => Err(ApiError::unexpected("KV", &other)),
     }
 }
 

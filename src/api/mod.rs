@@ -182,6 +182,24 @@ pub(crate) async fn read<T: Serialize>(
     Ok(res)
 }
 
+/// Like `read`, for one stored object: `f` finds it, and a miss is a 404
+/// saying `missing()` (with the read headers, as Consul's 404s carry them).
+pub(crate) async fn read_one<T: Serialize>(
+    node: &RaftNode,
+    p: &Params,
+    kinds: &[Kind],
+    f: impl FnOnce(&Registry) -> Option<T>,
+    missing: impl FnOnce() -> String,
+) -> Result<Response, ApiError> {
+    let (index, mode) = settle(node, p, kinds).await?;
+    let found = f(&node.state());
+    let res = match found {
+        Some(v) => Json(v).into_response(),
+        None => ApiError::NotFound(missing()).into_response(),
+    };
+    Ok(with_read_headers(res, node, index, mode))
+}
+
 /// Adds the read headers to a response built by the handler (404s, raw
 /// values).
 pub(crate) fn with_read_headers(

@@ -19,8 +19,8 @@ use serde_json::json;
 
 use super::body::Params;
 use super::error::ApiError;
-use super::{read, settle, with_read_headers, write_response};
-use crate::raft::{ClusterError, RaftNode};
+use super::{read, read_one, write_response};
+use crate::raft::RaftNode;
 use crate::registry::{validate_route_name, Command, Kind, Response as Outcome, RouteDef};
 
 type Node = State<Arc<RaftNode>>;
@@ -53,9 +53,7 @@ pub async fn put(
             Ok(write_response(&node, written.index, stored))
         }
         Outcome::Invalid(msg) => Err(ApiError::BadRequest(format!("route {name:?}: {msg}"))),
-        other => Err(ApiError::Cluster(ClusterError::Internal(format!(
-            "a route write answered {other:?}"
-        )))),
+        other => Err(ApiError::unexpected("route", &other)),
     }
 }
 
@@ -76,14 +74,14 @@ pub async fn get(
     Path(name): Path<String>,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
-    let p = Params::parse(q.as_deref());
-    let (index, mode) = settle(&node, &p, &[Kind::Routes]).await?;
-    let found = node.state().route(&name).cloned();
-    let res = match found {
-        Some(r) => Json(r).into_response(),
-        None => ApiError::NotFound(format!("no route {name:?}")).into_response(),
-    };
-    Ok(with_read_headers(res, &node, index, mode))
+    read_one(
+        &node,
+        &Params::parse(q.as_deref()),
+        &[Kind::Routes],
+        |reg| reg.route(&name).cloned(),
+        || format!("no route {name:?}"),
+    )
+    .await
 }
 
 /// `DELETE /v1/routes/{name}`: `true`; 404 if there was none.

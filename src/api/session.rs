@@ -20,7 +20,7 @@ use super::error::ApiError;
 use super::health::node_name;
 use super::{read, write_response};
 use crate::health::{Health, RenewError};
-use crate::raft::{ClusterError, RaftNode};
+use crate::raft::RaftNode;
 use crate::registry::{
     parse_duration, Behavior, Command, Kind, Registry, Response as Outcome, Session,
 };
@@ -170,9 +170,7 @@ pub async fn create(
             Some(json!({ "ID": id })),
         )),
         Outcome::Invalid(msg) => Err(ApiError::BadRequest(msg)),
-        other => Err(ApiError::Cluster(ClusterError::Internal(format!(
-            "session create answered {other:?}"
-        )))),
+        other => Err(ApiError::unexpected("session create", &other)),
     }
 }
 

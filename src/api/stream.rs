@@ -30,8 +30,8 @@ use serde_json::{json, Value};
 
 use super::body::Params;
 use super::error::ApiError;
-use super::{read, settle, with_read_headers, write_response, MAX_BODY_BYTES};
-use crate::raft::{ClusterError, RaftNode};
+use super::{read, read_one, write_response, MAX_BODY_BYTES};
+use crate::raft::RaftNode;
 use crate::registry::{
     validate_stream_name, Command, Kind, Response as Outcome, StreamDef, SubscriptionDef,
 };
@@ -78,14 +78,8 @@ pub async fn put(
             Ok(write_response(&node, written.index, stored))
         }
         Outcome::Invalid(msg) => Err(ApiError::BadRequest(format!("stream {name:?}: {msg}"))),
-        other => Err(unexpected("stream", other)),
+        other => Err(ApiError::unexpected("stream", &other)),
     }
-}
-
-fn unexpected(what: &str, other: Outcome) -> ApiError {
-    ApiError::Cluster(ClusterError::Internal(format!(
-        "a {what} write answered {other:?}"
-    )))
 }
 
 /// `GET /v1/streams`: every stream definition.
@@ -105,13 +99,14 @@ pub async fn get(
     Path(name): Path<String>,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
-    let p = Params::parse(q.as_deref());
-    let (index, mode) = settle(&node, &p, &[Kind::Streams]).await?;
-    let res = match node.state().stream(&name).cloned() {
-        Some(s) => Json(s).into_response(),
-        None => ApiError::NotFound(format!("no stream {name:?}")).into_response(),
-    };
-    Ok(with_read_headers(res, &node, index, mode))
+    read_one(
+        &node,
+        &Params::parse(q.as_deref()),
+        &[Kind::Streams],
+        |reg| reg.stream(&name).cloned(),
+        || format!("no stream {name:?}"),
+    )
+    .await
 }
 
 /// `DELETE /v1/streams/{name}`: `true`, with its subscriptions; 404 if none.
@@ -155,7 +150,7 @@ pub async fn put_subscription(
         Outcome::Invalid(msg) => Err(ApiError::BadRequest(format!(
             "subscription {name:?}: {msg}"
         ))),
-        other => Err(unexpected("subscription", other)),
+        other => Err(ApiError::unexpected("subscription", &other)),
     }
 }
 
@@ -180,14 +175,14 @@ pub async fn get_subscription(
     Path((stream, name)): Path<(String, String)>,
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
-    let p = Params::parse(q.as_deref());
-    let (index, mode) = settle(&node, &p, &[Kind::Streams]).await?;
-    let res = match node.state().subscription(&stream, &name).cloned() {
-        Some(s) => Json(s).into_response(),
-        None => ApiError::NotFound(format!("no subscription {name:?} of stream {stream:?}"))
-            .into_response(),
-    };
-    Ok(with_read_headers(res, &node, index, mode))
+    read_one(
+        &node,
+        &Params::parse(q.as_deref()),
+        &[Kind::Streams],
+        |reg| reg.subscription(&stream, &name).cloned(),
+        || format!("no subscription {name:?} of stream {stream:?}"),
+    )
+    .await
 }
 
 /// `DELETE /v1/streams/{name}/subscriptions/{sub}`.
@@ -236,10 +231,28 @@ pub fn decode_events(content_type: Option<&str>, body: &[u8]) -> Result<Vec<Inpu
                     .map_err(|e| bad(&format!("line {}", i + 1), e))
             })
             .collect(),
-        _ => match serde_json::from_slice::<Value>(body).map_err(|e| bad("events", e))? {
-            Value::Array(items) => Ok(items.into_iter().map(Input::Json).collect()),
-            one => Ok(vec![Input::Json(one)]),
-        },
+        _ => Ok(events_of(
+            serde_json::from_slice(body).map_err(|e| bad("events", e))?,
+        )),
+    }
+}
+
+/// The events of one WebSocket message: a JSON value (an array being one
+/// event per element), else NDJSON when it has several lines.
+fn decode_message(text: &str) -> Result<Vec<Input>, ApiError> {
+    match serde_json::from_str::<Value>(text) {
+        Ok(v) => Ok(events_of(v)),
+        Err(_) if text.trim_end().contains('\n') => {
+            decode_events(Some("application/x-ndjson"), text.as_bytes())
+        }
+        Err(e) => Err(bad("events", e)),
+    }
+}
+
+fn events_of(v: Value) -> Vec<Input> {
+    match v {
+        Value::Array(items) => items.into_iter().map(Input::Json).collect(),
+        one => vec![Input::Json(one)],
     }
 }
 
@@ -280,35 +293,25 @@ pub async fn events(
 async fn ingest_socket(mut socket: WebSocket, streams: Arc<Streams>, name: String) {
     while let Some(Ok(msg)) = socket.recv().await {
         let reply = match msg {
-            Message::Text(t) => {
-                let body = t.as_str().as_bytes();
-                let ndjson = body.iter().filter(|&&b| b == b'\n').count() > 0
-                    && serde_json::from_slice::<Value>(body).is_err();
-                let ct = if ndjson {
-                    "application/x-ndjson"
-                } else {
-                    "application/json"
-                };
-                match decode_events(Some(ct), body) {
-                    Ok(events) => match streams.ingest(&name, events, INGEST_WAIT).await {
-                        Ok(done) => json!(done),
-                        Err(e) => {
-                            let stop = matches!(
-                                e,
-                                crate::stream::IngestError::UnknownStream(_)
-                                    | crate::stream::IngestError::Stopping(_)
-                            );
-                            let v = error_json(e.into());
-                            if stop {
-                                let _ = socket.send(Message::Text(v.to_string().into())).await;
-                                break;
-                            }
-                            v
+            Message::Text(t) => match decode_message(t.as_str()) {
+                Ok(events) => match streams.ingest(&name, events, INGEST_WAIT).await {
+                    Ok(done) => json!(done),
+                    Err(e) => {
+                        let stop = matches!(
+                            e,
+                            crate::stream::IngestError::UnknownStream(_)
+                                | crate::stream::IngestError::Stopping(_)
+                        );
+                        let v = error_json(e.into());
+                        if stop {
+                            let _ = socket.send(Message::Text(v.to_string().into())).await;
+                            break;
                         }
-                    },
-                    Err(e) => error_json(e),
-                }
-            }
+                        v
+                    }
+                },
+                Err(e) => error_json(e),
+            },
             Message::Binary(_) => {
                 json!({"error": "bad_request", "message": "send events as text messages"})
             }

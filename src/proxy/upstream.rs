@@ -203,24 +203,15 @@ impl View {
                         .cloned()
                 })
             };
-            let mut upstreams: Vec<Arc<Upstream>> = reg
-                .instances_of(&route.def.service)
-                .filter(|s| reg.instance_status(s) == HealthStatus::Passing)
-                .filter(|s| {
-                    route
-                        .def
-                        .tags
-                        .iter()
-                        .all(|t| s.spec.tags.iter().any(|have| have.as_str() == t))
-                })
-                .filter_map(|s| {
-                    let addr = address_of(reg, s)?;
-                    let weight = s.spec.weights.passing;
-                    Some(reuse(&s.spec.id, &addr, weight).unwrap_or_else(|| {
-                        Arc::new(Upstream::new(s.spec.id.to_string(), addr, weight))
-                    }))
-                })
-                .collect();
+            let mut upstreams: Vec<Arc<Upstream>> =
+                passing_instances(reg, &route.def.service, &route.def.tags)
+                    .map(|(s, addr)| {
+                        let weight = s.spec.weights.passing;
+                        reuse(&s.spec.id, &addr, weight).unwrap_or_else(|| {
+                            Arc::new(Upstream::new(s.spec.id.to_string(), addr, weight))
+                        })
+                    })
+                    .collect();
             upstreams.sort_by(|a, b| a.id.cmp(&b.id));
             let timeout = |s: &Option<String>, default| {
                 s.as_deref()
@@ -243,6 +234,22 @@ impl View {
             routes,
         }
     }
+}
+
+/// The passing instances of `service` that carry every one of `tags`, with
+/// their `host:port`: what the proxy and stream deliveries send to.
+pub fn passing_instances<'a>(
+    reg: &'a Registry,
+    service: &'a str,
+    tags: &'a [String],
+) -> impl Iterator<Item = (&'a ServiceInstance, String)> + 'a {
+    reg.instances_of(service)
+        .filter(|s| reg.instance_status(s) == HealthStatus::Passing)
+        .filter(|s| {
+            tags.iter()
+                .all(|t| s.spec.tags.iter().any(|have| have.as_str() == t))
+        })
+        .filter_map(|s| Some((s, address_of(reg, s)?)))
 }
 
 /// `host:port` of an instance: its address, else its node's IP.

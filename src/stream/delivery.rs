@@ -56,9 +56,9 @@ use tracing::Instrument;
 
 use super::buffer::Buffer;
 use crate::proxy::balance::{self, Candidate};
-use crate::proxy::upstream::address_of;
+use crate::proxy::upstream::passing_instances;
 use crate::raft::state_machine::Shared;
-use crate::registry::{Balancer, Delivery, HealthStatus, Policy, Subscription};
+use crate::registry::{Balancer, Delivery, Policy, Subscription};
 
 /// Bound on one POST: connect, send and the response head.
 pub const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -248,10 +248,13 @@ impl Backoff {
 struct WarnLimiter {
     last: Option<Instant>,
     quiet: u64,
+    /// A failure since the last success.
+    failing: bool,
 }
 
 impl WarnLimiter {
     fn failed(&mut self, instance: &str, addr: &str, events: usize, err: &str) {
+        self.failing = true;
         let now = Instant::now();
         if self
             .last
@@ -272,8 +275,8 @@ impl WarnLimiter {
         }
     }
 
-    fn succeeded(&self, instance: &str) {
-        if self.last.is_some() {
+    fn succeeded(&mut self, instance: &str) {
+        if std::mem::take(&mut self.failing) {
             tracing::debug!(instance, "delivered after earlier failures");
         }
     }
@@ -338,19 +341,10 @@ impl Task {
         self.applied.mark_unchanged();
         let def = &self.sub.def;
         let reg = self.shared.read();
-        let mut out: Vec<Target> = reg
-            .instances_of(&def.service)
-            .filter(|s| reg.instance_status(s) == HealthStatus::Passing)
-            .filter(|s| {
-                def.tags
-                    .iter()
-                    .all(|t| s.spec.tags.iter().any(|have| have.as_str() == t))
-            })
-            .filter_map(|s| {
-                Some(Target {
-                    id: s.spec.id.to_string(),
-                    addr: address_of(&reg, s)?,
-                })
+        let mut out: Vec<Target> = passing_instances(&reg, &def.service, &def.tags)
+            .map(|(s, addr)| Target {
+                id: s.spec.id.to_string(),
+                addr,
             })
             .collect();
         out.sort_by(|a, b| a.id.cmp(&b.id));
@@ -447,6 +441,10 @@ impl Task {
             pending = self.targets();
         }
         let mut first = true;
+        // Whether any instance has the batch: until one has, targets that
+        // stop passing are replaced by whoever passes now, so a batch is
+        // never finished undelivered.
+        let mut acked = false;
         loop {
             let mut round = JoinSet::new();
             // Task → target, so a task that panicked is retried as failed
@@ -480,7 +478,10 @@ impl Task {
                     continue;
                 };
                 match result {
-                    Ok(()) => self.acknowledged(&t, n),
+                    Ok(()) => {
+                        self.acknowledged(&t, n);
+                        acked = true;
+                    }
                     Err(e) => {
                         self.failed(&t, n, &e);
                         still.push(t);
@@ -498,7 +499,14 @@ impl Task {
                 .filter_map(|t| now.iter().find(|c| c.id == t.id).cloned())
                 .collect();
             if pending.is_empty() {
-                return Ok(());
+                if acked {
+                    return Ok(());
+                }
+                pending = now;
+                while pending.is_empty() {
+                    self.pause(backoff.next()).await?;
+                    pending = self.targets();
+                }
             }
         }
     }
@@ -575,6 +583,7 @@ mod tests {
     use crate::raft::log_store::Syncer;
     use crate::raft::state_machine::StateMachineStore;
     use crate::raft::types::{Entry, LogId};
+    use crate::registry::HealthStatus;
     use crate::registry::{CheckDef, CheckUpdate, Command, ServiceSpec, SubscriptionDef};
 
     const DEADLINE: Duration = Duration::from_secs(10);
@@ -745,14 +754,13 @@ mod tests {
         status
     }
 
-    /// A port nothing listens on (connection refused).
-    async fn dead_port() -> u16 {
-        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr: SocketAddr = l.local_addr().expect("addr");
-        drop(l);
-        addr.port()
+    /// A port nothing listens on (connection refused), held by a bound but
+    /// not listening socket so no other test can take it meanwhile.
+    fn dead_port() -> (tokio::net::TcpSocket, u16) {
+        let s = tokio::net::TcpSocket::new_v4().expect("socket");
+        s.bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let addr: SocketAddr = s.local_addr().expect("addr");
+        (s, addr.port())
     }
 
     fn client() -> reqwest::Client {
@@ -857,7 +865,8 @@ mod tests {
         let mut c = Cluster::new().await;
         let (b, e) = (Instance::start().await, Instance::start().await);
         e.answer(500);
-        c.register("pager", "a-dead", dead_port().await, &[]).await;
+        let (_reserved, dead) = dead_port();
+        c.register("pager", "a-dead", dead, &[]).await;
         c.register("pager", "b", b.port, &[]).await;
         c.register("pager", "c-500", e.port, &[]).await;
         let (r, _) = spawn(&c, sub(Delivery::One, 2));
@@ -971,6 +980,24 @@ mod tests {
         c.set_health("a", HealthStatus::Critical).await;
         eventually("done without a", || stat(&r, "batches") == 2).await;
         assert_eq!(a.ids().len(), 3);
+        r.stop().await;
+    }
+
+    #[tokio::test]
+    async fn all_hands_an_unacknowledged_batch_to_whoever_passes_next() {
+        let mut c = Cluster::new().await;
+        let (a, b) = (Instance::start().await, Instance::start().await);
+        a.answer(503);
+        c.register("pager", "a", a.port, &[]).await;
+        let (r, _) = spawn(&c, sub(Delivery::All, 10));
+        push(&r, 0..3).await;
+        eventually("a tried", || a.attempts() >= 1).await;
+        // The only target goes before taking the batch; a new one comes.
+        c.set_health("a", HealthStatus::Critical).await;
+        c.register("pager", "b", b.port, &[]).await;
+        eventually("b has the batch nobody took", || b.ids() == vec![0, 1, 2]).await;
+        eventually("done", || stat(&r, "batches") == 1).await;
+        assert!(a.ids().is_empty());
         r.stop().await;
     }
 

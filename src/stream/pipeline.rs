@@ -40,10 +40,7 @@
 //! Time: the pipeline's clock is the largest `now_ms` it was given, so a
 //! clock that steps back never reopens a closed window. `push` first closes
 //! the windows that ended by its `now_ms` (as `tick` would), so results do
-//! not wait for the timer while events keep coming. Dead letters produced
-//! while `tick` closes windows (a `json_parse` with `field` after a window)
-//! count in `parse_errors` but are not dead-lettered: `tick` has nowhere to
-//! put them.
+//! not wait for the timer while events keep coming.
 //!
 //! Invariants: a compiled pipeline's definition passed
 //! `StreamDef::validate` and all its expressions parsed; output order is
@@ -186,16 +183,8 @@ impl Pipeline {
         out: &mut Vec<Value>,
         dead: &mut Vec<DeadLetter>,
     ) {
-        self.clock = self.clock.max(now_ms);
+        self.tick(now_ms, out, dead);
         let now = self.clock;
-        close_windows(
-            &mut self.stages,
-            &self.cel,
-            &mut self.counters,
-            now,
-            out,
-            Some(dead),
-        );
         run(
             &mut self.stages,
             &self.cel,
@@ -203,13 +192,14 @@ impl Pipeline {
             input,
             now,
             out,
-            Some(dead),
+            dead,
         );
     }
 
     /// Closes every time window that ended at or before `now_ms`; their
-    /// results go through the processors after the window, into `out`.
-    pub fn tick(&mut self, now_ms: u64, out: &mut Vec<Value>) {
+    /// results go through the processors after the window, into `out`
+    /// (and their dead letters into `dead`).
+    pub fn tick(&mut self, now_ms: u64, out: &mut Vec<Value>, dead: &mut Vec<DeadLetter>) {
         self.clock = self.clock.max(now_ms);
         let now = self.clock;
         close_windows(
@@ -218,7 +208,7 @@ impl Pipeline {
             &mut self.counters,
             now,
             out,
-            None,
+            dead,
         );
     }
 
@@ -245,7 +235,7 @@ fn close_windows(
     c: &mut Counters,
     now: u64,
     out: &mut Vec<Value>,
-    mut dead: Option<&mut Vec<DeadLetter>>,
+    dead: &mut Vec<DeadLetter>,
 ) {
     // In processor order, so a window's results reach a later window
     // before that one closes.
@@ -257,7 +247,7 @@ fn close_windows(
         let mut emitted = Vec::new();
         w.close(now, &mut emitted);
         for e in emitted {
-            run(rest, cel, c, Input::Json(e), now, out, dead.as_deref_mut());
+            run(rest, cel, c, Input::Json(e), now, out, dead);
         }
     }
 }
@@ -271,7 +261,7 @@ fn run(
     mut ev: Input,
     now: u64,
     out: &mut Vec<Value>,
-    mut dead: Option<&mut Vec<DeadLetter>>,
+    dead: &mut Vec<DeadLetter>,
 ) {
     for i in 0..stages.len() {
         let (head, rest) = stages.split_at_mut(i + 1);
@@ -283,7 +273,7 @@ fn run(
                 Ok(v) => Input::Json(v),
                 Err((error, raw)) => {
                     c.parse_errors += 1;
-                    if let (Some(stream), Some(dead)) = (dead_letter, dead) {
+                    if let Some(stream) = dead_letter {
                         dead.push(DeadLetter {
                             stream: stream.clone(),
                             event: serde_json::json!({"error": error, "raw": raw}),
@@ -320,7 +310,7 @@ fn run(
                 let mut emitted = Vec::new();
                 w.push(&ev.into_json(), now, c, &mut emitted);
                 for e in emitted {
-                    run(rest, cel, c, Input::Json(e), now, out, dead.as_deref_mut());
+                    run(rest, cel, c, Input::Json(e), now, out, dead);
                 }
                 return;
             }
@@ -468,6 +458,24 @@ mod tests {
 
     fn text_in(p: &mut Pipeline, s: &str) -> (Vec<Value>, Vec<DeadLetter>) {
         push(p, Input::Text(s.into()), 0)
+    }
+
+    #[test]
+    fn dead_letters_of_closing_windows_come_out_of_tick() {
+        let mut p = pipeline(json!([
+            {"type": "window", "kind": "tumbling", "size": "1s", "group_by": "g",
+             "aggregates": ["count"]},
+            {"type": "json_parse", "field": "group", "dead_letter": "bad"}
+        ]));
+        let (out, dead) = push(&mut p, Input::Json(json!({"g": "not json"})), 0);
+        assert!(out.is_empty() && dead.is_empty());
+        let (mut out, mut dead) = (Vec::new(), Vec::new());
+        p.tick(1_000, &mut out, &mut dead);
+        assert!(out.is_empty(), "{out:?}");
+        assert_eq!(dead.len(), 1);
+        assert_eq!(dead[0].stream, "bad");
+        assert_eq!(dead[0].event["raw"]["group"], json!("not json"));
+        assert_eq!(p.counters().dead_lettered, 1);
     }
 
     #[test]

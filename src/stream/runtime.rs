@@ -627,7 +627,7 @@ async fn work(runner: Arc<StreamRunner>, mut pipeline: Pipeline, streams: Weak<S
             _ = wake => None,
         };
         let now = now_ms();
-        pipeline.tick(now, &mut out);
+        pipeline.tick(now, &mut out, &mut dead);
         match popped {
             Some(0) => {
                 runner.publish(&mut out).await;

@@ -407,7 +407,7 @@ mod tests {
 
     fn tick(p: &mut Pipeline, now: u64) -> Vec<Value> {
         let mut out = Vec::new();
-        p.tick(now, &mut out);
+        p.tick(now, &mut out, &mut Vec::new());
         out
     }
 
@@ -750,13 +750,13 @@ mod tests {
             for (i, (dt, g, v)) in evs.iter().enumerate() {
                 now += dt;
                 if ticks[i] {
-                    p.tick(now, &mut out);
+                    p.tick(now, &mut out, &mut Vec::new());
                 }
                 let mut dead = Vec::new();
                 p.push(Input::Json(event_json(*g, *v)), now, &mut out, &mut dead);
                 timed.push((now, *g, *v));
             }
-            p.tick(now + size + slide, &mut out);
+            p.tick(now + size + slide, &mut out, &mut Vec::new());
             prop_assert_eq!(p.next_deadline(), None);
 
             let mut seen = std::collections::BTreeSet::new();

@@ -695,3 +695,60 @@ pub fn client(timeout: Duration) -> Result<reqwest::Client> {
         .build()
         .context("build HTTP client")
 }
+
+/// An HTTP server of the test's own (a backend, a service instance) on 127.0.0.1, port 0.
+/// Dropping it stops it at once.
+pub struct TestServer {
+    pub addr: std::net::SocketAddr,
+    stop: tokio_util::sync::CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestServer {
+    pub async fn start(app: axum::Router) -> Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let stop = tokio_util::sync::CancellationToken::new();
+        let signal = stop.clone();
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { signal.cancelled().await })
+                .await;
+        });
+        Ok(TestServer {
+            addr,
+            stop,
+            task: Some(task),
+        })
+    }
+
+    /// Stops gracefully (stop accepting, finish requests in flight, close idle
+    /// connections); its port then refuses connections.
+    pub async fn stop(&mut self) -> Result<()> {
+        self.stop.cancel();
+        if let Some(t) = self.task.take() {
+            tokio::time::timeout(HTTP_TIMEOUT, t)
+                .await
+                .with_context(|| format!("server on {} did not shut down", self.addr))??;
+        }
+        Ok(())
+    }
+
+    /// Stops at once, requests in flight included.
+    pub async fn kill(&mut self) {
+        self.stop.cancel();
+        if let Some(t) = self.task.take() {
+            t.abort();
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
