@@ -6,7 +6,7 @@
 //!
 //! 1. durable registrations/s (`PUT /v1/agent/service/register`, a distinct ID per request)
 //!    through the leader and through a follower at 1, 16 and 64 concurrent clients, each client
-//!    a tokio task with its own keep-alive connection pool, for a fixed time per cell; only 200
+//!    a tokio task with its own keep-alive HTTP/1.1 connection (hyper), for a fixed time per cell; only 200
 //!    answers count, everything else is reported as an error; p50/p99 latency of the 200s;
 //! 2. the same against a three-node etcd cluster (if `/usr/bin/etcd` or `etcd` on PATH exists;
 //!    Debian: `apt-get install -y etcd-server`) through etcd's v3 JSON gateway
@@ -633,8 +633,86 @@ fn cpu_use(a: &CpuSnap, b: &CpuSnap) -> CpuUse {
 
 // ---------------------------------------------------------------------------------- load
 
-/// Builds request number `seq` on a client's own connection pool.
-type MakeReq = Arc<dyn Fn(&reqwest::Client, u64) -> reqwest::RequestBuilder + Send + Sync>;
+/// The writes one load cell sends: `method path` on `addr` (`host:port`), JSON body number
+/// `seq` from `body`.
+#[derive(Clone)]
+struct MakeReq {
+    addr: String,
+    method: hyper::Method,
+    path: String,
+    body: Arc<dyn Fn(u64) -> String + Send + Sync>,
+}
+
+impl MakeReq {
+    fn request(&self, seq: u64) -> Result<hyper::Request<http_body_util::Full<bytes::Bytes>>> {
+        hyper::Request::builder()
+            .method(self.method.clone())
+            .uri(self.path.as_str())
+            .header(hyper::header::HOST, self.addr.as_str())
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from((self.body)(
+                seq,
+            ))))
+            .context("build request")
+    }
+}
+
+/// One load client's keep-alive HTTP/1.1 connection.
+///
+/// Why hyper's connection API and not reqwest: the client shares the 2 cores with the servers
+/// it measures, and reqwest's per-request work (URL parsing, pool lookup, redirect and timeout
+/// layers) cost about 2.5x what `wrk` spends per request, CPU taken from the servers.
+type Conn = hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>;
+
+async fn connect(addr: &str) -> std::result::Result<Conn, String> {
+    let stream = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
+        .await
+        .map_err(|_| "connect".to_string())?
+        .map_err(|_| "connect".to_string())?;
+    stream
+        .set_nodelay(true)
+        .map_err(|_| "connect".to_string())?;
+    let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .map_err(|_| "connect".to_string())?;
+    tokio::spawn(conn);
+    Ok(send)
+}
+
+/// Sends one request on `conn` (connecting first if there is none) and reads the whole
+/// answer; `Err` is the error's kind for the report. A failed connection is dropped, so the
+/// next request reconnects.
+async fn send_one(
+    conn: &mut Option<Conn>,
+    make: &MakeReq,
+    seq: u64,
+) -> std::result::Result<(), String> {
+    use http_body_util::BodyExt as _;
+    if conn.as_ref().is_none_or(|c| c.is_closed()) {
+        *conn = Some(connect(&make.addr).await?);
+    }
+    let c = conn.as_mut().expect("connected just above");
+    let req = make.request(seq).map_err(|e| e.to_string())?;
+    let res = tokio::time::timeout(LOAD_TIMEOUT, async {
+        let resp = c
+            .send_request(req)
+            .await
+            .map_err(|_| "transport".to_string())?;
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await;
+        match (status, body) {
+            (200, Ok(_)) => Ok(()),
+            (200, Err(_)) => Err("body transport".to_string()),
+            (s, _) => Err(format!("HTTP {s}")),
+        }
+    })
+    .await
+    .unwrap_or_else(|_| Err("timeout".to_string()));
+    if matches!(&res, Err(k) if !k.starts_with("HTTP")) {
+        *conn = None;
+    }
+    res
+}
 
 #[derive(Clone, Copy)]
 enum Stop {
@@ -707,16 +785,6 @@ fn log_cell(res: &LoadResult) {
     );
 }
 
-fn error_kind(e: &reqwest::Error) -> String {
-    if e.is_timeout() {
-        "timeout".into()
-    } else if e.is_connect() {
-        "connect".into()
-    } else {
-        "transport".into()
-    }
-}
-
 /// Runs `clients` concurrent request loops until `stop`, each on its own client (pool).
 async fn run_load(
     clients: usize,
@@ -729,12 +797,12 @@ async fn run_load(
     let start = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..clients {
-        let client = http_client(LOAD_TIMEOUT, true)?;
         let next = next.clone();
         let make = make.clone();
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+            let mut conn = None;
             loop {
                 let seq = next.fetch_add(1, Ordering::Relaxed);
                 match stop {
@@ -743,20 +811,12 @@ async fn run_load(
                     _ => {}
                 }
                 let t = Instant::now();
-                let failed = match make(&client, seq).send().await {
-                    Ok(resp) => {
-                        let status = resp.status().as_u16();
-                        let body = resp.bytes().await;
-                        match (status, body) {
-                            (200, Ok(_)) => {
-                                lat.push(t.elapsed().as_micros() as u64);
-                                None
-                            }
-                            (200, Err(e)) => Some(format!("body {}", error_kind(&e))),
-                            (s, _) => Some(format!("HTTP {s}")),
-                        }
+                let failed = match send_one(&mut conn, &make, seq).await {
+                    Ok(()) => {
+                        lat.push(t.elapsed().as_micros() as u64);
+                        None
                     }
-                    Err(e) => Some(error_kind(&e)),
+                    Err(kind) => Some(kind),
                 };
                 if let Some(kind) = failed {
                     *errors.entry(kind).or_default() += 1;
@@ -1287,14 +1347,14 @@ impl RmCluster {
     /// Like `register_maker`, but cycles through `ids` IDs: past the first round every write
     /// re-registers (updates) an existing instance, so the registry's size stays put.
     fn reregister_maker(&self, id: u64, prefix: &str, ids: u64) -> MakeReq {
-        let url = format!("http://{}/v1/agent/service/register", self.api(id));
         let prefix = prefix.to_string();
         let ids = ids.max(1);
-        Arc::new(move |c: &reqwest::Client, seq: u64| {
-            c.put(&url)
-                .header("content-type", "application/json")
-                .body(register_body(&prefix, seq % ids))
-        })
+        MakeReq {
+            addr: self.api(id).to_string(),
+            method: hyper::Method::PUT,
+            path: "/v1/agent/service/register".into(),
+            body: Arc::new(move |seq| register_body(&prefix, seq % ids)),
+        }
     }
 
     fn footprint(&self, phase: &str) -> Vec<FootRow> {
@@ -1504,13 +1564,16 @@ impl EtcdCluster {
     }
 
     fn put_maker(&self, i: usize, prefix: &str) -> MakeReq {
-        let url = format!("{}/v3/kv/put", self.nodes[i].client_url);
         let prefix = prefix.to_string();
-        Arc::new(move |c: &reqwest::Client, seq: u64| {
-            c.post(&url)
-                .header("content-type", "application/json")
-                .body(etcd_put_body(&prefix, seq))
-        })
+        MakeReq {
+            addr: self.nodes[i]
+                .client_url
+                .trim_start_matches("http://")
+                .to_string(),
+            method: hyper::Method::POST,
+            path: "/v3/kv/put".into(),
+            body: Arc::new(move |seq| etcd_put_body(&prefix, seq)),
+        }
     }
 
     async fn wait_caught_up(&self, leader: usize, ids: &[usize]) -> Result<()> {

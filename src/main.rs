@@ -60,7 +60,7 @@ fn init_tracing() {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let workers = match &cli.cmd {
-        Cmd::Agent(a) => a.worker_threads,
+        Cmd::Agent(a) => a.workers(),
         Cmd::Client(_) => 1,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()

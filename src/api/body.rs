@@ -46,10 +46,34 @@ impl Params {
 }
 
 fn norm(key: &str) -> String {
+    if key.is_ascii() {
+        // Every key a client sends in practice; skips the Unicode tables.
+        return key
+            .bytes()
+            .filter(|b| *b != b'_' && *b != b'-')
+            .map(|b| char::from(b.to_ascii_lowercase()))
+            .collect();
+    }
     key.chars()
         .filter(|c| *c != '_' && *c != '-')
         .flat_map(char::to_lowercase)
         .collect()
+}
+
+/// `norm` of a short ASCII name into `buf`, without allocating (looked up
+/// for every field of every request).
+fn norm_into<'b>(key: &str, buf: &'b mut [u8; 64]) -> Option<&'b str> {
+    let mut n = 0;
+    for b in key.bytes() {
+        if !b.is_ascii() || n == buf.len() {
+            return None;
+        }
+        if b != b'_' && b != b'-' {
+            buf[n] = b.to_ascii_lowercase();
+            n += 1;
+        }
+    }
+    std::str::from_utf8(&buf[..n]).ok()
 }
 
 /// A JSON object viewed with Consul's lenient key matching.
@@ -76,7 +100,12 @@ impl<'a> Fields<'a> {
 
     /// The value of `field` (canonical CamelCase name); JSON null counts as absent.
     pub fn get(&self, field: &str) -> Option<&'a Value> {
-        self.map.get(&norm(field)).copied().filter(|v| !v.is_null())
+        let mut buf = [0u8; 64];
+        let found = match norm_into(field, &mut buf) {
+            Some(k) => self.map.get(k),
+            None => self.map.get(&norm(field)),
+        };
+        found.copied().filter(|v| !v.is_null())
     }
 
     fn type_err(&self, field: &str, want: &str) -> ApiError {
@@ -359,6 +388,18 @@ pub fn service(body: &[u8]) -> Result<ServiceSpec, ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_allocation_free_lookup_normalises_like_norm() {
+        let mut buf = [0u8; 64];
+        for k in ["Name", "TaggedAddresses", "tagged_addresses", "X-Y_z", ""] {
+            assert_eq!(norm_into(k, &mut buf).map(str::to_owned), Some(norm(k)));
+        }
+        // Not ASCII, or too long for the buffer: the caller falls back to norm.
+        assert_eq!(norm_into("Ñame", &mut buf), None);
+        assert_eq!(norm_into(&"a".repeat(65), &mut buf), None);
+        assert_eq!(norm("ÑAME_x"), "ñamex");
+    }
 
     #[test]
     fn keys_match_case_insensitively_and_snake_case() {

@@ -85,10 +85,13 @@ impl Proposer {
     }
 }
 
-fn combine(proposals: &[Proposal]) -> Command {
+/// The commands of `proposals` as one, moved out of them (each is left an
+/// empty batch): only their reply channels are used afterwards.
+fn combine(proposals: &mut [Proposal]) -> Command {
+    let take = |p: &mut Proposal| std::mem::replace(&mut p.cmd, Command::Batch(Vec::new()));
     match proposals {
-        [one] => one.cmd.clone(),
-        many => Command::Batch(many.iter().map(|p| p.cmd.clone()).collect()),
+        [one] => take(one),
+        many => Command::Batch(many.iter_mut().map(take).collect()),
     }
 }
 
@@ -143,13 +146,13 @@ async fn run(ctx: Context, mut rx: mpsc::Receiver<Proposal>) {
         tracing::debug!(commands = proposals.len(), "proposing batch");
         match leader_of(&ctx.raft) {
             Some((leader, _)) if leader == ctx.id => {
-                let cmd = combine(&proposals);
+                let cmd = combine(&mut proposals);
                 let result = client_write(&ctx.raft, cmd, ctx.write_timeout).await;
                 distribute(proposals, result);
             }
             leader => {
                 // Forwarded writes must not hop again.
-                let (local, forwardable): (Vec<_>, Vec<_>) = proposals
+                let (local, mut forwardable): (Vec<_>, Vec<_>) = proposals
                     .drain(..)
                     .partition(|p| p.route == Route::LocalOnly);
                 distribute(local, Err(ClusterError::NotLeader));
@@ -158,7 +161,7 @@ async fn run(ctx: Context, mut rx: mpsc::Receiver<Proposal>) {
                 }
                 let result = match leader {
                     Some((_, Some(node))) => {
-                        let cmd = combine(&forwardable);
+                        let cmd = combine(&mut forwardable);
                         forward_call(
                             &ctx.client,
                             &node.peer_addr,

@@ -294,10 +294,20 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
     async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
         self.snapshot_seq += 1;
+        // Encoded off the async workers: a large registry takes tens of
+        // milliseconds, and with one worker that would hold up heartbeats.
+        // Nothing is applied meanwhile (openraft's state machine worker
+        // awaits this), so the encoding is exactly `last_applied`.
+        let shared = self.shared.clone();
+        let data = tokio::task::spawn_blocking(move || {
+            serde_json::to_vec(&*shared.read()).map_err(|e| e.to_string())
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
         SnapshotBuilder {
             syncer: self.syncer.clone(),
             snap: self.snap.clone(),
-            data: serde_json::to_vec(&*self.shared.read()).map_err(|e| e.to_string()),
+            data,
             last_applied: self.last_applied,
             membership: self.membership.clone(),
             seq: self.snapshot_seq,
