@@ -240,3 +240,34 @@ impl AgentArgs {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Flags {
+        #[command(flatten)]
+        agent: AgentArgs,
+    }
+
+    fn workers(args: &[&str]) -> usize {
+        let argv = std::iter::once("agent").chain(args.iter().copied());
+        Flags::try_parse_from(argv)
+            .expect("flags parse")
+            .agent
+            .workers()
+    }
+
+    #[test]
+    fn worker_threads_default_to_half_the_cores_and_a_given_count_wins() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(workers(&["--dev"]), (cores / 2).max(1));
+        assert_eq!(
+            workers(&["--dev", "--worker-threads", "0"]),
+            (cores / 2).max(1)
+        );
+        assert_eq!(workers(&["--dev", "--worker-threads", "3"]), 3);
+    }
+}
