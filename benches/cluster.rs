@@ -664,24 +664,24 @@ impl MakeReq {
 /// layers) cost about 2.5x what `wrk` spends per request, CPU taken from the servers.
 type Conn = hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>;
 
-async fn connect(addr: &str) -> std::result::Result<Conn, String> {
+/// A new connection to `addr`, or `None` if it cannot be had within 2 s.
+async fn connect(addr: &str) -> Option<Conn> {
     let stream = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
         .await
-        .map_err(|_| "connect".to_string())?
-        .map_err(|_| "connect".to_string())?;
-    stream
-        .set_nodelay(true)
-        .map_err(|_| "connect".to_string())?;
+        .ok()?
+        .ok()?;
+    stream.set_nodelay(true).ok()?;
     let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
         .await
-        .map_err(|_| "connect".to_string())?;
+        .ok()?;
     tokio::spawn(conn);
-    Ok(send)
+    Some(send)
 }
 
 /// Sends one request on `conn` (connecting first if there is none) and reads the whole
-/// answer; `Err` is the error's kind for the report. A failed connection is dropped, so the
-/// next request reconnects.
+/// answer; `Err` is the error's kind for the report. An answer that is not 200 keeps the
+/// connection (it was read whole); any other failure drops it, so the next request
+/// reconnects.
 async fn send_one(
     conn: &mut Option<Conn>,
     make: &MakeReq,
@@ -689,29 +689,31 @@ async fn send_one(
 ) -> std::result::Result<(), String> {
     use http_body_util::BodyExt as _;
     if conn.as_ref().is_none_or(|c| c.is_closed()) {
-        *conn = Some(connect(&make.addr).await?);
+        *conn = Some(connect(&make.addr).await.ok_or("connect")?);
     }
     let c = conn.as_mut().expect("connected just above");
     let req = make.request(seq).map_err(|e| e.to_string())?;
-    let res = tokio::time::timeout(LOAD_TIMEOUT, async {
-        let resp = c
-            .send_request(req)
-            .await
-            .map_err(|_| "transport".to_string())?;
+    let answered = tokio::time::timeout(LOAD_TIMEOUT, async {
+        // An HTTP/1 sender takes the next request only once the last answer is done.
+        c.ready().await.map_err(|_| "transport")?;
+        let resp = c.send_request(req).await.map_err(|_| "transport")?;
         let status = resp.status().as_u16();
-        let body = resp.into_body().collect().await;
-        match (status, body) {
-            (200, Ok(_)) => Ok(()),
-            (200, Err(_)) => Err("body transport".to_string()),
-            (s, _) => Err(format!("HTTP {s}")),
-        }
+        resp.into_body()
+            .collect()
+            .await
+            .map_err(|_| "body transport")?;
+        Ok(status)
     })
     .await
-    .unwrap_or_else(|_| Err("timeout".to_string()));
-    if matches!(&res, Err(k) if !k.starts_with("HTTP")) {
-        *conn = None;
+    .unwrap_or(Err("timeout"));
+    match answered {
+        Ok(200) => Ok(()),
+        Ok(status) => Err(format!("HTTP {status}")),
+        Err(kind) => {
+            *conn = None;
+            Err(kind.to_string())
+        }
     }
-    res
 }
 
 #[derive(Clone, Copy)]
@@ -785,7 +787,7 @@ fn log_cell(res: &LoadResult) {
     );
 }
 
-/// Runs `clients` concurrent request loops until `stop`, each on its own client (pool).
+/// Runs `clients` concurrent request loops until `stop`, each on its own connection.
 async fn run_load(
     clients: usize,
     stop: Stop,

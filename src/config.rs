@@ -155,11 +155,16 @@ pub enum ConfigError {
     TempDir(std::io::Error),
 }
 
+/// The default worker count on a machine with `cores` cores.
+fn half_of(cores: usize) -> usize {
+    (cores / 2).max(1)
+}
+
 impl AgentArgs {
     /// The async worker count `--worker-threads` asks for (see the flag).
     pub fn workers(&self) -> usize {
         match self.worker_threads {
-            0 => std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),
+            0 => half_of(std::thread::available_parallelism().map_or(1, |n| n.get())),
             n => n,
         }
     }
@@ -262,12 +267,13 @@ mod tests {
 
     #[test]
     fn worker_threads_default_to_half_the_cores_and_a_given_count_wins() {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        assert_eq!(workers(&["--dev"]), (cores / 2).max(1));
         assert_eq!(
-            workers(&["--dev", "--worker-threads", "0"]),
-            (cores / 2).max(1)
+            [1, 2, 3, 8].map(half_of),
+            [1, 1, 1, 4],
+            "half the cores, at least one"
         );
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(workers(&["--dev"]), half_of(cores), "0 is the default");
         assert_eq!(workers(&["--dev", "--worker-threads", "3"]), 3);
     }
 }

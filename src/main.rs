@@ -64,7 +64,7 @@ fn main() -> ExitCode {
         Cmd::Client(_) => 1,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers.max(1))
+        .worker_threads(workers)
         .enable_all()
         .build()
     {

@@ -21,6 +21,7 @@
 //! - Waiting costs no CPU: waiters hold `watch::Receiver`s and are woken by
 //!   `publish`, never by timers (besides their own deadline).
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -49,6 +50,24 @@ pub struct Change {
 impl Change {
     fn bytes(&self) -> usize {
         self.key.len() + self.value.as_ref().map_or(0, String::len) + 64
+    }
+}
+
+/// The key a client sees for a storage key (`svc/web-1` → `web-1`,
+/// `node/00…03` → `3`, `nfail/00…12` → `failed/12`): what the watch API's
+/// `Key` and the `_registry` stream's `key` carry.
+pub fn wire_key(storage_key: &str) -> Cow<'_, str> {
+    // Node ids are stored zero-padded (for ordering); clients know them as
+    // plain numbers.
+    let node = |id: &str| {
+        id.parse::<u64>()
+            .map_or_else(|_| id.to_string(), |n| n.to_string())
+    };
+    match storage_key.split_once('/') {
+        Some(("node", id)) => Cow::Owned(node(id)),
+        Some(("nfail", id)) => Cow::Owned(format!("failed/{}", node(id))),
+        Some((_, id)) => Cow::Borrowed(id),
+        None => Cow::Borrowed(storage_key),
     }
 }
 

@@ -382,7 +382,8 @@ async fn backpressure_body(c: &mut Cluster) -> Result<()> {
     // reject: one event at a time, until refused.
     let mut accepted = 0;
     let mut refused = None;
-    for i in 0..100 {
+    // More posts than the bound below, so a stream that never refuses fails.
+    for i in 0..300 {
         let r = post_events(
             c,
             1,
@@ -688,10 +689,17 @@ async fn websocket_body(c: &mut Cluster) -> Result<()> {
     .await?;
     running_on(c, &[3], "ws").await?;
     let api = c.api_addr(3)?;
-    let (mut sub, _) =
-        tokio_tungstenite::connect_async(format!("ws://{api}/v1/streams/ws/subscribe")).await?;
-    let (mut producer, _) =
-        tokio_tungstenite::connect_async(format!("ws://{api}/v1/streams/ws/events")).await?;
+    let ws = async |path: &str| {
+        let url = format!("ws://{api}{path}");
+        anyhow::Ok(
+            tokio::time::timeout(common::HTTP_TIMEOUT, tokio_tungstenite::connect_async(url))
+                .await
+                .context("WebSocket handshake timed out")??
+                .0,
+        )
+    };
+    let mut sub = ws("/v1/streams/ws/subscribe").await?;
+    let mut producer = ws("/v1/streams/ws/events").await?;
     let mut reply = async |text: String| -> Result<Value> {
         producer.send(Message::text(text)).await?;
         loop {

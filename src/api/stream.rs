@@ -62,8 +62,8 @@ pub async fn put(
 ) -> Result<Response, ApiError> {
     name_ok("stream", &name)?;
     let def: StreamDef = serde_json::from_slice(&body?).map_err(|e| bad("stream", e))?;
-    def.validate()
-        .map_err(|e| ApiError::BadRequest(format!("stream {name:?}: {e}")))?;
+    // Validates the definition too; this node compiles it now so a bad
+    // expression is a 400 here, not a worker that never starts.
     Pipeline::compile(&def).map_err(|e| ApiError::BadRequest(format!("stream {name:?}: {e}")))?;
     let written = node
         .write(Command::PutStream {

@@ -61,7 +61,6 @@
 //! - Waiting costs no CPU: a stream sleeps on the hub's `subscribe_all` and
 //!   ends as soon as the hub closes (node shutdown).
 
-use std::borrow::Cow;
 use std::collections::{HashSet, VecDeque};
 use std::convert::Infallible;
 use std::fmt::Write as _;
@@ -362,22 +361,6 @@ fn id_of(storage_key: &str) -> &str {
         .map_or(storage_key, |(_, id)| id)
 }
 
-/// The `Key` a client sees for a storage key; see the module doc.
-fn wire_key(storage_key: &str) -> Cow<'_, str> {
-    // Node ids are stored zero-padded (for ordering); clients know them as
-    // plain numbers.
-    let node = |id: &str| {
-        id.parse::<u64>()
-            .map_or_else(|_| id.to_string(), |n| n.to_string())
-    };
-    match storage_key.split_once('/') {
-        Some(("node", id)) => Cow::Owned(node(id)),
-        Some(("nfail", id)) => Cow::Owned(format!("failed/{}", node(id))),
-        Some((_, id)) => Cow::Borrowed(id),
-        None => Cow::Borrowed(storage_key),
-    }
-}
-
 fn push_json_str(out: &mut String, s: &str) {
     // A JSON string value displays as its escaped, quoted form.
     let _ = write!(out, "{}", serde_json::Value::from(s));
@@ -390,7 +373,7 @@ fn push_entry(out: &mut String, kind: Kind, storage_key: &str, op: bool, value: 
     out.push_str("{\"Kind\":");
     push_json_str(out, kind.as_str());
     out.push_str(",\"Key\":");
-    push_json_str(out, &wire_key(storage_key));
+    push_json_str(out, &crate::watch::wire_key(storage_key));
     if op {
         out.push_str(match value {
             Some(_) => ",\"Op\":\"set\"",
@@ -803,6 +786,7 @@ mod tests {
 
     #[test]
     fn wire_keys_drop_storage_prefixes() {
+        use crate::watch::wire_key;
         assert_eq!(wire_key("node/00000000000000000003"), "3");
         assert_eq!(wire_key("nfail/00000000000000000012"), "failed/12");
         assert_eq!(wire_key("kv/config/a/b"), "config/a/b");

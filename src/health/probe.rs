@@ -114,7 +114,9 @@ impl Prober {
     }
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+/// `e` and every error under it, `outer: inner: …` (reqwest and hyper
+/// keep the useful part, such as "connection refused", in the sources).
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut cur = e.source();
     while let Some(s) = cur {

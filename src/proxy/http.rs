@@ -477,13 +477,7 @@ struct Failure {
 
 impl Failure {
     fn from_client(e: hyper_util::client::legacy::Error) -> Failure {
-        let mut detail = e.to_string();
-        let mut source = std::error::Error::source(&e);
-        while let Some(s) = source {
-            detail.push_str(": ");
-            detail.push_str(&s.to_string());
-            source = s.source();
-        }
+        let detail = crate::health::probe::error_chain(&e);
         let connect = e.is_connect();
         Failure {
             kind: if connect {

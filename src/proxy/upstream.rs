@@ -253,7 +253,7 @@ pub fn passing_instances<'a>(
 }
 
 /// `host:port` of an instance: its address, else its node's IP.
-pub fn address_of(reg: &Registry, s: &ServiceInstance) -> Option<String> {
+fn address_of(reg: &Registry, s: &ServiceInstance) -> Option<String> {
     let host = if s.spec.address.is_empty() {
         let node = reg.node(s.node)?;
         let sa: std::net::SocketAddr = node.api_addr.parse().ok()?;

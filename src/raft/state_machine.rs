@@ -181,7 +181,8 @@ impl StateMachineStore {
             snapshot_seq: 0,
         };
         if let Some(s) = store.get_current_snapshot().await? {
-            store.restore(&s.meta, s.snapshot.into_inner())?;
+            let (registry, _) = decode(s.snapshot.into_inner()).await?;
+            store.restore(&s.meta, registry);
         }
         Ok(store)
     }
@@ -191,14 +192,24 @@ impl StateMachineStore {
     }
 
     /// Replaces the in-memory state with a snapshot's.
-    fn restore(&mut self, meta: &SnapshotMeta, data: Vec<u8>) -> Result<(), StorageError> {
-        let mut registry: Registry = serde_json::from_slice(&data).map_err(sm_read_err)?;
+    fn restore(&mut self, meta: &SnapshotMeta, mut registry: Registry) {
         registry.advance(meta.last_log_id.map_or(0, |l| l.index));
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
         self.shared.replace(registry);
-        Ok(())
     }
+}
+
+/// A snapshot's registry, decoded off the async workers (a large one takes
+/// tens of milliseconds, and with one worker that would hold up heartbeats),
+/// handed back with the bytes it came from.
+async fn decode(data: Vec<u8>) -> Result<(Registry, Vec<u8>), StorageError> {
+    tokio::task::spawn_blocking(move || {
+        serde_json::from_slice::<Registry>(&data).map(|registry| (registry, data))
+    })
+    .await
+    .map_err(sm_read_err)?
+    .map_err(sm_read_err)
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
@@ -323,17 +334,19 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         meta: &SnapshotMeta,
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
-        let data = snapshot.into_inner();
+        // Decoded before it is stored: a snapshot that cannot be read is
+        // refused, not kept as the one a restart would load.
+        let (registry, data) = decode(snapshot.into_inner()).await?;
         let mut batch = sled::Batch::default();
         batch.insert(SNAP_META, encode(meta)?);
-        batch.insert(SNAP_DATA, data.clone());
+        batch.insert(SNAP_DATA, data);
         self.snap.apply_batch(batch).map_err(|e| {
             StorageError::from(StorageIOError::write_snapshot(
                 Some(meta.signature()),
                 any_err(&e),
             ))
         })?;
-        self.restore(meta, data)?;
+        self.restore(meta, registry);
         self.syncer.sync_async().await.map_err(sm_write_err)?;
         self.shared
             .snapshots_installed

@@ -260,16 +260,8 @@ impl<T> Buffer<T> {
         self.len() == 0
     }
 
-    pub fn capacity(&self) -> usize {
-        self.capacity
-    }
-
     pub fn policy(&self) -> Policy {
         self.policy
-    }
-
-    pub fn is_closed(&self) -> bool {
-        self.lock().closed
     }
 
     /// Refuses further pushes and wakes every waiter: blocked producers

@@ -41,7 +41,6 @@
 //! cost every other batch a failed attempt.
 
 use std::collections::HashMap;
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -160,10 +159,6 @@ impl SubscriptionRunner {
 
     pub fn def(&self) -> &Subscription {
         &self.sub
-    }
-
-    pub fn stats(&self) -> &DeliveryStats {
-        &self.stats
     }
 
     /// `{"delivered", "delivered_counts", "batches", "retried", "failed",
@@ -542,7 +537,7 @@ async fn attempt(
             .body(body)
             .send()
             .await
-            .map_err(|e| chain(&e))?;
+            .map_err(|e| crate::health::probe::error_chain(&e))?;
         let status = resp.status();
         if status.is_success() {
             Ok(())
@@ -554,17 +549,6 @@ async fn attempt(
         Ok(r) => r,
         Err(_) => Err(format!("no answer within {ATTEMPT_TIMEOUT:?}")),
     }
-}
-
-/// An error with its causes ("error sending request: ...: Connection refused").
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        let _ = write!(s, ": {c}");
-        cause = c.source();
-    }
-    s
 }
 
 #[cfg(test)]
@@ -1026,8 +1010,9 @@ mod tests {
         let c = Cluster::new().await;
         let (r, parent) = spawn(&c, sub(Delivery::One, 10));
         parent.cancel();
-        tokio::time::timeout(Duration::from_secs(1), r.stop())
-            .await
-            .expect("stopped");
+        // The task ends on the parent's cancel alone (`stop` would end it
+        // anyway, with its own token).
+        eventually("the runner's task to end", || r.task.is_finished()).await;
+        r.stop().await;
     }
 }

@@ -127,13 +127,13 @@ struct Client {
 struct Outputs {
     clients: Vec<Client>,
     next_client: u64,
-    /// The buffers of this stream's service subscriptions, by name.
-    subs: Vec<(String, SubBuffer)>,
+    /// The buffers of this stream's service subscriptions (shared, so a
+    /// batch takes them with one reference count).
+    subs: Arc<[SubBuffer]>,
 }
 
 /// One generation of a running stream.
 struct StreamRunner {
-    name: String,
     def: Stream,
     input: Arc<Buffer<Input>>,
     stats: Arc<StreamStats>,
@@ -309,13 +309,13 @@ impl Streams {
                 run.subs.insert(key.clone(), runner);
             }
             for stream in run.streams.values() {
-                let mine: Vec<(String, SubBuffer)> = run
+                let mine: Vec<SubBuffer> = run
                     .subs
                     .iter()
-                    .filter(|((s, _), _)| *s == stream.name)
-                    .map(|((_, n), r)| (n.clone(), r.buffer().clone()))
+                    .filter(|((s, _), _)| *s == stream.def.name)
+                    .map(|(_, r)| r.buffer().clone())
                     .collect();
-                lock(&stream.outputs).subs = mine;
+                lock(&stream.outputs).subs = mine.into();
             }
         }
         for (successor, old) in stopped_subs {
@@ -344,7 +344,6 @@ impl Streams {
     ) -> Arc<StreamRunner> {
         let buffer = def.def.buffer;
         let runner = Arc::new(StreamRunner {
-            name: def.name.clone(),
             def,
             input: Arc::new(Buffer::new(buffer.capacity, buffer.policy)),
             stats,
@@ -364,7 +363,7 @@ impl Streams {
             }
             Some(Source::Traffic) => match &self.proxy {
                 Some(p) => tasks.push(tokio::spawn(traffic_source(runner.clone(), p.traffic()))),
-                None => tracing::warn!(stream = %runner.name,
+                None => tracing::warn!(stream = %runner.def.name,
                     "a _traffic stream on a node without a proxy (--proxy-addr) sees no events"),
             },
             None => {}
@@ -437,11 +436,11 @@ impl Streams {
         let subs: serde_json::Map<String, Value> = run
             .subs
             .iter()
-            .filter(|((st, _), _)| *st == r.name)
+            .filter(|((st, _), _)| *st == r.def.name)
             .map(|((_, n), sub)| (n.clone(), sub.stats_json()))
             .collect();
         Some(json!({
-            "stream": r.name,
+            "stream": r.def.name,
             "modify_index": r.def.modify_index,
             "source": r.def.def.source,
             "received": load(&s.received),
@@ -515,17 +514,17 @@ impl StreamRunner {
                 Pushed::DroppedNewest => done.dropped += 1,
                 Pushed::Rejected => {
                     return Err(IngestError::Full {
-                        stream: self.name.clone(),
+                        stream: self.def.name.clone(),
                         accepted: done.accepted,
                     })
                 }
                 Pushed::TimedOut => {
                     return Err(IngestError::TimedOut {
-                        stream: self.name.clone(),
+                        stream: self.def.name.clone(),
                         accepted: done.accepted,
                     })
                 }
-                Pushed::Closed => return Err(IngestError::Stopping(self.name.clone())),
+                Pushed::Closed => return Err(IngestError::Stopping(self.def.name.clone())),
             }
         }
         Ok(done)
@@ -573,7 +572,7 @@ impl StreamRunner {
             });
             o.subs.clone()
         };
-        for (_, buf) in subs {
+        for buf in subs.iter() {
             for e in &events {
                 // The buffer counts what its policy drops.
                 buf.push(e.clone(), SUBSCRIPTION_WAIT).await;
@@ -628,23 +627,19 @@ async fn work(runner: Arc<StreamRunner>, mut pipeline: Pipeline, streams: Weak<S
         };
         let now = now_ms();
         pipeline.tick(now, &mut out, &mut dead);
-        match popped {
-            Some(0) => {
-                runner.publish(&mut out).await;
-                break;
-            }
-            Some(_) => {
-                for ev in batch.drain(..) {
-                    pipeline.push(ev, now, &mut out, &mut dead);
-                }
-            }
-            None => {}
+        // An empty pop means the input closed: what the last tick produced
+        // (results and dead letters alike) still goes out before we stop.
+        let closed = popped == Some(0);
+        for ev in batch.drain(..) {
+            pipeline.push(ev, now, &mut out, &mut dead);
         }
         runner.publish(&mut out).await;
         runner.dead_letters(&mut dead, &streams).await;
         *lock(&runner.counters) = pipeline.counters();
+        if closed {
+            break;
+        }
     }
-    *lock(&runner.counters) = pipeline.counters();
 }
 
 /// `_registry`: every committed change this node applies, one event per
@@ -679,7 +674,7 @@ async fn registry_source(runner: Arc<StreamRunner>, shared: Arc<Shared>) {
                 .changes
                 .iter()
                 .map(|c| {
-                    let key = c.key.split_once('/').map_or(c.key.as_str(), |(_, k)| k);
+                    let key = crate::watch::wire_key(&c.key);
                     let value = c
                         .value
                         .as_deref()
