@@ -12,6 +12,8 @@ use std::collections::BTreeMap;
 use serde_json::{Map, Value};
 
 use super::error::ApiError;
+
+mod register;
 use crate::registry::{parse_duration, CheckDef, HealthStatus, Meta, ServiceSpec, Weights};
 
 /// Decoded query parameters, in order; flags count by presence.
@@ -308,11 +310,10 @@ pub fn standalone_check(body: &[u8]) -> Result<(CheckDef, Option<String>), ApiEr
     Ok((def, service_id))
 }
 
-/// Decodes `PUT /v1/agent/service/register`'s body.
 /// `Weights: {Passing, Warning}`: Passing at least 1 (Consul's rule),
 /// Warning at least 0; a missing field keeps its default of 1.
-fn weights(f: &Fields<'_>) -> Result<Weights, ApiError> {
-    let Some(v) = f.get("Weights") else {
+fn weights(v: Option<&Value>) -> Result<Weights, ApiError> {
+    let Some(v) = v else {
         return Ok(Weights::default());
     };
     let w = Fields::new("service.Weights", v)?;
@@ -341,21 +342,26 @@ fn weights(f: &Fields<'_>) -> Result<Weights, ApiError> {
     })
 }
 
+/// Decodes `PUT /v1/agent/service/register`'s body (typed, see `register`).
 pub fn service(body: &[u8]) -> Result<ServiceSpec, ApiError> {
-    let v = json(body)?;
-    let f = Fields::new("service", &v)?;
-    let name = f
-        .string("Name")?
+    let raw: register::Raw = serde_json::from_slice(body).map_err(|e| {
+        ApiError::BadRequest(match e.classify() {
+            serde_json::error::Category::Data => format!("invalid service: {e}"),
+            _ => format!("malformed JSON body: {e}"),
+        })
+    })?;
+    let name = raw
+        .name
         .ok_or_else(|| ApiError::BadRequest("service.Name is required".into()))?;
-    let id = f
-        .string("ID")?
+    let id = raw
+        .id
         .filter(|id| !id.is_empty())
         .unwrap_or_else(|| name.clone());
     let mut check_values: Vec<&Value> = Vec::new();
-    if let Some(c) = f.get("Check") {
+    if let Some(c) = &raw.check {
         check_values.push(c);
     }
-    match f.get("Checks") {
+    match &raw.checks {
         None => {}
         Some(Value::Array(list)) => check_values.extend(list.iter()),
         Some(_) => return Err(ApiError::BadRequest("service.Checks must be a list".into())),
@@ -374,13 +380,13 @@ pub fn service(body: &[u8]) -> Result<ServiceSpec, ApiError> {
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(ServiceSpec {
-        id: id.into(),
-        name: name.into(),
-        tags: f.strings("Tags")?.into_iter().map(Into::into).collect(),
-        address: f.string("Address")?.unwrap_or_default().into(),
-        port: f.port("Port")?,
-        meta: f.string_map("Meta")?,
-        weights: weights(&f)?,
+        weights: weights(raw.weights.as_ref())?,
+        id,
+        name,
+        tags: raw.tags.unwrap_or_default(),
+        address: raw.address.unwrap_or_default(),
+        port: raw.port.unwrap_or(0),
+        meta: raw.meta.unwrap_or_default(),
         checks,
     })
 }

@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, FromRef, Request, State};
-use axum::http::{HeaderMap, HeaderName, HeaderValue};
+use axum::http::{HeaderName, HeaderValue};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -80,21 +80,24 @@ impl Consistency {
     }
 }
 
-fn set(headers: &mut HeaderMap, name: &'static str, value: String) {
-    if let Ok(v) = HeaderValue::from_str(&value) {
-        headers.insert(HeaderName::from_static(name), v);
-    }
-}
+/// Set on every answer, so built once; values come from integers or static
+/// text, without formatting a `String` per header.
+const X_INDEX: HeaderName = HeaderName::from_static("x-consul-index");
+const X_KNOWN_LEADER: HeaderName = HeaderName::from_static("x-consul-knownleader");
+const X_LAST_CONTACT: HeaderName = HeaderName::from_static("x-consul-lastcontact");
+const X_ACL: HeaderName = HeaderName::from_static("x-consul-default-acl-policy");
+const X_CONSISTENCY: HeaderName = HeaderName::from_static("x-consul-effective-consistency");
 
 fn consul_headers(res: &mut Response, node: &RaftNode, index: u64, mode: Option<Consistency>) {
     let meta = node.read_meta();
     let h = res.headers_mut();
-    set(h, "x-consul-index", index.max(1).to_string());
-    set(h, "x-consul-knownleader", meta.known_leader.to_string());
-    set(h, "x-consul-lastcontact", meta.last_contact_ms.to_string());
-    set(h, "x-consul-default-acl-policy", "allow".into());
+    h.insert(X_INDEX, HeaderValue::from(index.max(1)));
+    let known = if meta.known_leader { "true" } else { "false" };
+    h.insert(X_KNOWN_LEADER, HeaderValue::from_static(known));
+    h.insert(X_LAST_CONTACT, HeaderValue::from(meta.last_contact_ms));
+    h.insert(X_ACL, HeaderValue::from_static("allow"));
     if let Some(m) = mode {
-        set(h, "x-consul-effective-consistency", m.header().into());
+        h.insert(X_CONSISTENCY, HeaderValue::from_static(m.header()));
     }
 }
 
@@ -235,15 +238,14 @@ pub(crate) fn write_response(
 }
 
 /// Bounds on client requests: how many run at once and for how long.
-#[derive(Clone)]
 struct Limits {
     /// One permit per in-flight request; taken before any work, so an
     /// overloaded node sheds load with a 503 instead of queueing without end.
-    permits: Arc<Semaphore>,
+    permits: Semaphore,
     timeout: Duration,
     /// Blocking queries wait for minutes, mostly asleep: they have their own,
     /// larger budget and a deadline past the longest wait.
-    blocking: Arc<Semaphore>,
+    blocking: Semaphore,
 }
 
 /// Most blocking queries waiting at once on a node.
@@ -267,7 +269,7 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// Most client requests in flight at once.
 pub const MAX_IN_FLIGHT: usize = 1024;
 
-async fn guard(State(limits): State<Limits>, req: Request, next: Next) -> Response {
+async fn guard(State(limits): State<Arc<Limits>>, req: Request, next: Next) -> Response {
     let span = tracing::info_span!("http", method = %req.method(), path = %req.uri().path());
     async move {
         let (permits, timeout) = if is_blocking(&req) {
@@ -275,7 +277,7 @@ async fn guard(State(limits): State<Limits>, req: Request, next: Next) -> Respon
         } else {
             (&limits.permits, limits.timeout)
         };
-        let Ok(_permit) = permits.clone().try_acquire_owned() else {
+        let Ok(_permit) = permits.try_acquire() else {
             return ApiError::Overloaded.into_response();
         };
         let res = match tokio::time::timeout(timeout, next.run(req)).await {
@@ -297,9 +299,12 @@ async fn not_found(req: Request) -> ApiError {
     ))
 }
 
-/// What handlers extract: most need only the Raft handle.
+/// What handlers extract: most need only the Raft handle. One `Arc`, because
+/// axum clones the state for every request.
 #[derive(Clone)]
-struct AppState {
+struct AppState(Arc<Shared>);
+
+struct Shared {
     node: Arc<RaftNode>,
     health: Arc<Health>,
     /// This node's routing proxy, when it runs one (`--proxy-addr`).
@@ -309,25 +314,25 @@ struct AppState {
 
 impl FromRef<AppState> for Arc<crate::stream::Streams> {
     fn from_ref(s: &AppState) -> Self {
-        s.streams.clone()
+        s.0.streams.clone()
     }
 }
 
 impl FromRef<AppState> for Option<Arc<crate::proxy::Proxy>> {
     fn from_ref(s: &AppState) -> Self {
-        s.proxy.clone()
+        s.0.proxy.clone()
     }
 }
 
 impl FromRef<AppState> for Arc<RaftNode> {
     fn from_ref(s: &AppState) -> Self {
-        s.node.clone()
+        s.0.node.clone()
     }
 }
 
 impl FromRef<AppState> for Arc<Health> {
     fn from_ref(s: &AppState) -> Self {
-        s.health.clone()
+        s.0.health.clone()
     }
 }
 
@@ -337,12 +342,12 @@ pub fn router(
     proxy: Option<Arc<crate::proxy::Proxy>>,
     streams: Arc<crate::stream::Streams>,
 ) -> Router {
-    let state = AppState {
+    let state = AppState(Arc::new(Shared {
         node: health.node().clone(),
         health,
         proxy,
         streams,
-    };
+    }));
     Router::new()
         .route("/v1/agent/service/register", put(consul::register))
         .route("/v1/agent/service/deregister/{id}", put(consul::deregister))
@@ -419,11 +424,11 @@ pub fn router(
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn_with_state(
-            Limits {
-                permits: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            Arc::new(Limits {
+                permits: Semaphore::new(MAX_IN_FLIGHT),
                 timeout: REQUEST_TIMEOUT,
-                blocking: Arc::new(Semaphore::new(MAX_BLOCKING)),
-            },
+                blocking: Semaphore::new(MAX_BLOCKING),
+            }),
             guard,
         ))
         .with_state(state)
