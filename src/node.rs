@@ -33,6 +33,7 @@ use crate::config::AgentConfig;
 use crate::raft::detector::{self, ElectionTiming};
 use crate::raft::log_store::{LogStore, Syncer};
 use crate::raft::network::{NetworkFactory, PeerClient};
+use crate::raft::speculate::Speculator;
 use crate::raft::state_machine::StateMachineStore;
 use crate::raft::{bootstrap, PeerNode, Raft, RaftNode, Timing};
 
@@ -156,17 +157,26 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
         .context("opening state machine")?;
     let shared = sm.shared();
     let client = PeerClient::new(peer_addr.ip())?;
+    let config = raft_config(&cfg)?;
+    // Early appends get openraft's AppendEntries budget.
+    let speculator = Arc::new(Speculator::new(
+        cfg.id,
+        client.clone(),
+        Duration::from_millis(config.heartbeat_interval),
+    ));
     let raft = Raft::new(
         cfg.id,
-        Arc::new(raft_config(&cfg)?),
+        Arc::new(config),
         NetworkFactory {
             client: client.clone(),
+            speculator: Some(speculator.clone()),
         },
-        log_store,
+        log_store.with_speculator(speculator.clone()),
         sm,
     )
     .await
     .context("starting raft")?;
+    speculator.attach(raft.clone());
     let me = PeerNode {
         name: cfg.name.clone(),
         api_addr: api_addr.to_string(),

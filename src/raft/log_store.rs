@@ -23,9 +23,14 @@
 //! `LogReader`s for replication; sled trees are internally synchronized.
 //! `append` inserts and hands its callback to the flusher thread (group
 //! commit): the thread takes every callback queued so far, syncs once and
-//! completes them in order. The core keeps replicating while the leader's
-//! own disk syncs, and one fsync serves every append that arrived meanwhile.
-//! The thread ends when the last `LogStore` handle is dropped.
+//! completes them in order, so one fsync serves every append that arrived
+//! meanwhile. openraft 0.9's core waits for that callback before it hands
+//! the new entries to its replication streams; so that a leader's sync
+//! and its followers' run side by side, `append` on a leader (its saved
+//! vote is its own, committed) also posts the entries to the followers at
+//! once through the `Speculator` (`speculate.rs`), reusing the JSON it just
+//! encoded for sled. The thread ends when the last `LogStore` handle is
+//! dropped.
 //!
 //! Tail cache: the newest entries (up to `TAIL_BYTES` of encoded size) are
 //! also kept in memory, shared with the readers. Right after an append,
@@ -53,6 +58,7 @@ use std::sync::{Arc, Mutex};
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogId, RaftLogReader};
 
+use super::speculate::{self, Speculator};
 use super::types::{
     any_err, Entry, LogId, LogState, StorageError, StorageIOError, TypeConfig, Vote,
 };
@@ -228,6 +234,12 @@ pub struct LogStore {
     /// Mirror of the last committed index openraft told us, for status pages.
     committed: Arc<AtomicU64>,
     tail: SharedTail,
+    /// The vote as last saved, and the last committed log id openraft told
+    /// us: what an early AppendEntries carries.
+    vote: Option<Vote>,
+    leader_commit: Option<LogId>,
+    /// Sends what a leader appends to its followers at once (`speculate`).
+    speculator: Option<Arc<Speculator>>,
 }
 
 /// A read-only view of the log handed to replication tasks.
@@ -291,11 +303,33 @@ impl LogStore {
             flusher,
             committed,
             tail: SharedTail::default(),
+            vote: None,
+            leader_commit: None,
+            speculator: None,
         };
+        let mut store = store;
         if let Ok(Some(c)) = store.read_meta::<LogId>(COMMITTED) {
             store.committed.store(c.index, Ordering::Relaxed);
+            store.leader_commit = Some(c);
         }
+        store.vote = store.read_meta::<Vote>(VOTE).ok().flatten();
         Ok(store)
+    }
+
+    /// Makes this store send what it appends while this node leads to the
+    /// other members at once, through `speculator`.
+    pub fn with_speculator(mut self, speculator: Arc<Speculator>) -> Self {
+        self.speculator = Some(speculator);
+        self
+    }
+
+    /// The speculator, if this node leads in the saved vote (a committed
+    /// vote for itself): only a leader's appends are its own to send.
+    fn leading_speculator(&self) -> Option<(&Arc<Speculator>, &Vote)> {
+        let spec = self.speculator.as_ref()?;
+        let vote = self.vote.as_ref()?;
+        (vote.is_committed() && vote.leader_id().voted_for() == Some(spec.id()))
+            .then_some((spec, vote))
     }
 
     /// True when this data dir has ever held Raft state (a vote or an
@@ -393,7 +427,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
         self.write_meta(VOTE, vote, StorageIOError::write_vote)?;
-        self.sync_now(StorageIOError::write_vote).await
+        self.sync_now(StorageIOError::write_vote).await?;
+        self.vote = Some(*vote);
+        Ok(())
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
@@ -406,6 +442,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.write_meta(COMMITTED, &committed, StorageIOError::write)?;
         self.committed
             .store(committed.map_or(0, |c| c.index), Ordering::Relaxed);
+        self.leader_commit = committed;
         Ok(())
     }
 
@@ -427,20 +464,51 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // manifest), each time waiting for the disk. Entries need no
         // atomicity: a crash keeps a prefix of them (sled persists in log
         // order), and none of them was acknowledged before the sync.
+        let leading = self.leading_speculator().is_some();
         let mut appended = Vec::new();
+        let mut encoded = Vec::new();
         for entry in entries {
             let bytes =
                 serde_json::to_vec(&entry).map_err(|e| StorageIOError::write_logs(any_err(&e)))?;
             let size = bytes.len();
+            if leading {
+                encoded.push(bytes.clone());
+            }
             self.log
                 .insert(key(entry.get_log_id().index), bytes)
                 .map_err(|e| StorageIOError::write_logs(any_err(&e)))?;
             appended.push((entry, size));
         }
-        {
+        let early = appended
+            .first()
+            .zip(appended.last())
+            .map(|(first, last)| (first.0.get_log_id().index, *last.0.get_log_id()));
+        let prev = {
             let mut tail = lock(&self.tail);
+            // The entry before the first appended one, if the tail holds it.
+            let prev = tail
+                .entries
+                .back()
+                .map(|(e, _)| *e.get_log_id())
+                .filter(|p| early.is_some_and(|(first, _)| p.index + 1 == first));
             for (entry, size) in appended {
                 tail.push(entry, size);
+            }
+            prev
+        };
+        if let (Some((spec, vote)), Some((_, last)), Some(prev)) =
+            (self.leading_speculator(), early, prev)
+        {
+            match speculate::request_body(vote, &Some(prev), &self.leader_commit, &encoded) {
+                Ok(body) => spec.send(
+                    speculate::Key {
+                        vote: *vote,
+                        prev: Some(prev),
+                        last,
+                    },
+                    body,
+                ),
+                Err(e) => tracing::warn!(error = %e, "early append not encoded"),
             }
         }
         // Durability is reported by the flusher thread once it has synced.

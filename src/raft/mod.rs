@@ -19,6 +19,7 @@ pub mod log_store;
 pub mod network;
 pub mod proposer;
 pub mod server;
+pub mod speculate;
 pub mod state_machine;
 pub mod types;
 

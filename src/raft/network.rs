@@ -9,8 +9,13 @@
 //! Failure behaviour: every call has a timeout (openraft's per-RPC TTL for
 //! Raft RPCs, the caller's for forwarding). A refused connection is reported
 //! as `Unreachable` so openraft backs off instead of spinning.
+//!
+//! An AppendEntries with entries whose very content the target already
+//! answered `Success` to as an early append (`speculate.rs`) takes that
+//! answer instead of going out again; every other request is sent.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::error::{InstallSnapshotError, NetworkError, RemoteError, Unreachable};
@@ -18,6 +23,7 @@ use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use super::speculate::{Key, Speculator, PATH_APPEND};
 use super::types::{
     AppendRequest, AppendResponse, NodeId, PeerNode, RaftError, RpcError, SnapshotRequest,
     SnapshotResponse, TypeConfig, VoteRequest, VoteResponse,
@@ -70,27 +76,49 @@ impl PeerClient {
         body: &Req,
         timeout: Duration,
     ) -> Result<Resp, PeerCallError> {
-        let url = format!("http://{addr}{path}");
-        let res = self
+        self.send(
+            addr,
+            self.http.post(format!("http://{addr}{path}")).json(body),
+            timeout,
+        )
+        .await
+    }
+
+    /// Like `call`, with a body that is already JSON.
+    pub async fn call_raw<Resp: DeserializeOwned>(
+        &self,
+        addr: &str,
+        path: &str,
+        body: bytes::Bytes,
+        timeout: Duration,
+    ) -> Result<Resp, PeerCallError> {
+        let req = self
             .http
-            .post(url)
-            .timeout(timeout)
-            .json(body)
-            .send()
-            .await
-            .map_err(|source| {
-                if source.is_connect() {
-                    PeerCallError::Unreachable {
-                        addr: addr.to_string(),
-                        source,
-                    }
-                } else {
-                    PeerCallError::Failed {
-                        addr: addr.to_string(),
-                        source,
-                    }
+            .post(format!("http://{addr}{path}"))
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body);
+        self.send(addr, req, timeout).await
+    }
+
+    async fn send<Resp: DeserializeOwned>(
+        &self,
+        addr: &str,
+        req: reqwest::RequestBuilder,
+        timeout: Duration,
+    ) -> Result<Resp, PeerCallError> {
+        let res = req.timeout(timeout).send().await.map_err(|source| {
+            if source.is_connect() {
+                PeerCallError::Unreachable {
+                    addr: addr.to_string(),
+                    source,
                 }
-            })?;
+            } else {
+                PeerCallError::Failed {
+                    addr: addr.to_string(),
+                    source,
+                }
+            }
+        })?;
         let status = res.status();
         if !status.is_success() {
             return Err(PeerCallError::Status {
@@ -108,6 +136,8 @@ impl PeerClient {
 /// Creates one `PeerNetwork` per replication target.
 pub struct NetworkFactory {
     pub client: PeerClient,
+    /// Early appends whose answers the replication streams may reuse.
+    pub speculator: Option<Arc<Speculator>>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -118,6 +148,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             client: self.client.clone(),
             target,
             addr: node.peer_addr.clone(),
+            speculator: self.speculator.clone(),
         }
     }
 }
@@ -127,6 +158,7 @@ pub struct PeerNetwork {
     client: PeerClient,
     target: NodeId,
     addr: String,
+    speculator: Option<Arc<Speculator>>,
 }
 
 impl PeerNetwork {
@@ -160,7 +192,19 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         rpc: AppendRequest,
         option: RPCOption,
     ) -> Result<AppendResponse, RpcError> {
-        self.rpc("/raft/append", &rpc, &option).await
+        if let (Some(spec), Some(last)) = (&self.speculator, rpc.entries.last()) {
+            let key = Key {
+                vote: rpc.vote,
+                prev: rpc.prev_log_id,
+                last: last.log_id,
+            };
+            if spec.accepted(self.target, &key, option.hard_ttl()).await {
+                // The target already answered these very entries (see
+                // `speculate`): its answer stands for this request.
+                return Ok(AppendResponse::Success);
+            }
+        }
+        self.rpc(PATH_APPEND, &rpc, &option).await
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(target = self.target))]

@@ -120,7 +120,7 @@ async fn members(State(n): Node) -> Json<Result<Vec<Member>, ClusterError>> {
 /// The peer router over `node`.
 pub fn router(node: Arc<RaftNode>) -> Router {
     Router::new()
-        .route("/raft/append", post(append))
+        .route(super::speculate::PATH_APPEND, post(append))
         .route("/raft/vote", post(vote))
         .route("/raft/snapshot", post(snapshot))
         .route(PATH_WRITE, post(forwarded_write))
