@@ -171,7 +171,10 @@ pub async fn run(cfg: AgentConfig, shutdown: impl Future<Output = ()>) -> anyhow
             client: client.clone(),
             speculator: Some(speculator.clone()),
         },
-        log_store.with_speculator(speculator.clone()),
+        log_store
+            .with_speculator(speculator.clone())
+            .await
+            .context("preparing the log")?,
         sm,
     )
     .await

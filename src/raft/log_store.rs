@@ -318,9 +318,34 @@ impl LogStore {
 
     /// Makes this store send what it appends while this node leads to the
     /// other members at once, through `speculator`.
-    pub fn with_speculator(mut self, speculator: Arc<Speculator>) -> Self {
+    ///
+    /// Such a store must not let its node resume leadership in the same
+    /// term after a restart. openraft 0.9 does resume a node whose saved
+    /// vote is a committed vote for itself; but entries it posted before its
+    /// own sync may be missing from its log after a crash, and it would then
+    /// give their log ids to other entries while followers keep the ones
+    /// they synced (they match log ids, not contents). So such a vote
+    /// becomes an uncommitted vote for itself in the next term, synced
+    /// before openraft starts: a node may always raise its term, and it
+    /// then wins an election or follows whoever did.
+    pub async fn with_speculator(
+        mut self,
+        speculator: Arc<Speculator>,
+    ) -> Result<Self, StorageError> {
+        let me = speculator.id();
+        if let Some(v) = self.vote {
+            if v.is_committed() && v.leader_id().voted_for() == Some(me) {
+                let next = Vote::new(v.leader_id().get_term() + 1, me);
+                tracing::info!(
+                    was = %v,
+                    now = %next,
+                    "led before the restart: will not resume leadership in the same term"
+                );
+                self.save_vote(&next).await?;
+            }
+        }
         self.speculator = Some(speculator);
-        self
+        Ok(self)
     }
 
     /// The speculator, if this node leads in the saved vote (a committed
@@ -559,6 +584,42 @@ mod tests {
 
     fn indexes(v: &[Entry]) -> Vec<u64> {
         v.iter().map(|e| e.get_log_id().index).collect()
+    }
+
+    #[tokio::test]
+    async fn a_leader_that_posts_early_restarts_in_a_new_term() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let sled_dir = dir.path().join("sled");
+        let db = sled::Config::new().path(&sled_dir).open()?;
+        let syncer = Syncer::new(&db, &sled_dir)?;
+        let open = || LogStore::open(&db, syncer.clone(), Arc::new(AtomicU64::new(0)));
+        let client = crate::raft::network::PeerClient::new("127.0.0.1".parse()?)?;
+        let spec = |id| {
+            Arc::new(Speculator::new(
+                id,
+                client.clone(),
+                std::time::Duration::from_millis(50),
+            ))
+        };
+        open()?.save_vote(&Vote::new_committed(3, 1)).await?;
+
+        // Without early appends openraft may resume the same term.
+        assert_eq!(open()?.read_vote().await?, Some(Vote::new_committed(3, 1)));
+        // Another node's store keeps the leader's vote as it is.
+        let mut other = open()?.with_speculator(spec(2)).await?;
+        assert_eq!(other.read_vote().await?, Some(Vote::new_committed(3, 1)));
+        // The leader's own store votes for itself in the next term, not
+        // committed, and keeps that through another open.
+        let mut me = open()?.with_speculator(spec(1)).await?;
+        let want = Vote::new(4, 1);
+        assert!(!want.is_committed());
+        assert_eq!(me.read_vote().await?, Some(want));
+        assert!(
+            me.leading_speculator().is_none(),
+            "not leading until elected"
+        );
+        assert_eq!(open()?.read_vote().await?, Some(want));
+        Ok(())
     }
 
     #[test]

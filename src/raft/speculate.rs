@@ -34,11 +34,21 @@
 //!   answers them.
 //! - Anything else (not answered yet within half the RPC budget, refused,
 //!   failed, a different range) leaves openraft's request to be sent as
-//!   usual. At most one early request per target is in flight.
+//!   usual. At most one early request per target is in flight, and a
+//!   target that refused or failed one gets none for an RPC budget.
+//! - A node whose log store posts early never resumes leadership in the
+//!   same term after a restart (`LogStore::with_speculator`): entries it
+//!   posted may be missing from its log, and their log ids must not be
+//!   given to other entries.
+//!
+//! Known looseness: openraft credits a reused answer with the time its
+//! stream built the request, so `millis_since_quorum_ack` can look up to
+//! one batch fresher than it is; raftmesh reads it only to stop pings after
+//! two seconds without a quorum.
 
 use std::collections::BTreeMap;
 use std::sync::{Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::watch;
@@ -66,6 +76,9 @@ enum Outcome {
 struct Slot {
     key: Option<Key>,
     outcome: Outcome,
+    /// After a refusal or failure, no early request before this: a down or
+    /// lagging target is left to openraft (which backs off) for a while.
+    quiet_until: Option<Instant>,
 }
 
 /// Sends early AppendEntries and remembers their answers, one slot per
@@ -113,6 +126,7 @@ impl Speculator {
                 watch::Sender::new(Slot {
                     key: None,
                     outcome: Outcome::Refused,
+                    quiet_until: None,
                 })
             })
             .clone()
@@ -135,20 +149,10 @@ impl Speculator {
                 .collect()
         };
         let body = Bytes::from(body);
+        let now = Instant::now();
         for (target, addr) in targets {
             let slot = self.slot(target);
-            let taken = slot.send_if_modified(|s| {
-                if s.outcome == Outcome::Pending {
-                    // One in flight per target: a slow target gets
-                    // openraft's requests only.
-                    return false;
-                }
-                *s = Slot {
-                    key: Some(key.clone()),
-                    outcome: Outcome::Pending,
-                };
-                true
-            });
+            let taken = slot.send_if_modified(|s| claim(s, &key, now));
             if !taken {
                 continue;
             }
@@ -168,13 +172,7 @@ impl Speculator {
                         Outcome::Refused
                     }
                 };
-                slot.send_if_modified(|s| {
-                    let mine = s.key.as_ref() == Some(&key);
-                    if mine {
-                        s.outcome = outcome;
-                    }
-                    mine
-                });
+                slot.send_if_modified(|s| settle(s, &key, outcome, Instant::now() + timeout));
             });
         }
     }
@@ -191,6 +189,35 @@ impl Speculator {
         };
         accepted
     }
+}
+
+/// Takes `s` for a new early request with `key`, unless one is in flight
+/// (a slow target gets openraft's requests only) or the target refused one
+/// lately. True when taken.
+fn claim(s: &mut Slot, key: &Key, now: Instant) -> bool {
+    if s.outcome == Outcome::Pending || s.quiet_until.is_some_and(|t| now < t) {
+        return false;
+    }
+    *s = Slot {
+        key: Some(key.clone()),
+        outcome: Outcome::Pending,
+        quiet_until: None,
+    };
+    true
+}
+
+/// Records the answer to the early request `key`, if `s` still holds it;
+/// a refusal keeps the target quiet until `quiet_until`. True when
+/// recorded.
+fn settle(s: &mut Slot, key: &Key, outcome: Outcome, quiet_until: Instant) -> bool {
+    if s.key.as_ref() != Some(key) {
+        return false;
+    }
+    s.outcome = outcome;
+    if outcome == Outcome::Refused {
+        s.quiet_until = Some(quiet_until);
+    }
+    true
 }
 
 /// An AppendEntries request body built from entries already encoded as
@@ -271,6 +298,29 @@ mod tests {
         }
     }
 
+    #[test]
+    fn one_request_in_flight_and_quiet_after_a_refusal() {
+        let now = Instant::now();
+        let later = now + Duration::from_millis(100);
+        let mut s = Slot {
+            key: None,
+            outcome: Outcome::Refused,
+            quiet_until: None,
+        };
+        assert!(claim(&mut s, &key(6), now));
+        assert!(!claim(&mut s, &key(7), now), "one in flight");
+        assert!(
+            !settle(&mut s, &key(7), Outcome::Accepted, later),
+            "not the one sent"
+        );
+        assert_eq!(s.outcome, Outcome::Pending);
+        assert!(settle(&mut s, &key(6), Outcome::Accepted, later));
+        assert!(claim(&mut s, &key(7), now), "answered: the next may go");
+        assert!(settle(&mut s, &key(7), Outcome::Refused, later));
+        assert!(!claim(&mut s, &key(8), now), "quiet after a refusal");
+        assert!(claim(&mut s, &key(8), later), "and not longer");
+    }
+
     #[tokio::test]
     async fn only_a_settled_success_for_the_same_request_counts() {
         let client = PeerClient::new("127.0.0.1".parse().expect("ip")).expect("client");
@@ -283,6 +333,7 @@ mod tests {
         slot.send_replace(Slot {
             key: Some(key(6)),
             outcome: Outcome::Pending,
+            quiet_until: None,
         });
         let answer = slot.clone();
         tokio::spawn(async move {
@@ -305,6 +356,7 @@ mod tests {
         slot.send_replace(Slot {
             key: Some(key(8)),
             outcome: Outcome::Pending,
+            quiet_until: None,
         });
         let started = std::time::Instant::now();
         assert!(!spec.accepted(2, &key(8), short).await);
