@@ -334,75 +334,83 @@ async fn killed_under_load_body(c: &mut Cluster) -> Result<()> {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
 
-    let leader = c.form().await?;
+    let first = c.form().await?;
     let all = c.ids();
-    let survivors: Vec<u64> = all.iter().copied().filter(|&i| i != leader).collect();
-    // Through the followers, whose addresses outlive the leader's process; they forward to
-    // whoever leads.
-    let urls = survivors
-        .iter()
-        .map(|&id| c.url(id, "/v1/agent/service/register"))
-        .collect::<Result<Vec<_>>>()?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut writers = tokio::task::JoinSet::new();
-    for w in 0..8u32 {
-        let (http, url, stop) = (
-            c.client().clone(),
-            urls[w as usize % 2].clone(),
-            stop.clone(),
-        );
-        writers.spawn(async move {
-            let mut acked = Vec::new();
-            let mut n = 0u32;
-            while !stop.load(Ordering::Relaxed) {
-                let id = format!("load-{w}-{n}");
-                n += 1;
-                let body = json!({"Name": "load", "ID": id, "Port": 1000 + n % 5000});
-                match http.put(&url).json(&body).send().await {
-                    Ok(r) if r.status() == 200 => acked.push(id),
-                    // No leader for a moment: pace the retries rather than spin.
-                    _ => tokio::time::sleep(Duration::from_millis(20)).await,
-                }
-            }
-            acked
-        });
-    }
-    let start = commit_index(c, leader).await?;
-    c.eventually(WAIT, "writes committing before the kill", async || {
-        let now = commit_index(c, leader).await?;
-        ensure!(now >= start + 20, "commit index {now}");
-        Ok(())
-    })
-    .await?;
-
-    let term_before = c.status(leader).await?["term"].as_u64().context("term")?;
-    c.kill(leader)?;
-    c.spawn(leader)?;
-    c.wait_ready(leader).await?;
-    let term_now = c.status(leader).await?["term"].as_u64().context("term")?;
-    ensure!(
-        term_now > term_before,
-        "the restarted leader is back in its old term {term_before}: entries it posted before \
-         its own sync could be given other contents"
-    );
-    c.wait_for_leader(&all).await?;
-    let after = commit_index(c, survivors[0]).await?;
-    c.eventually(WAIT, "writes committing after the restart", async || {
-        let now = commit_index(c, survivors[0]).await?;
-        ensure!(now >= after + 20, "commit index {now}");
-        Ok(())
-    })
-    .await?;
-    stop.store(true, Ordering::Relaxed);
+    // Twice: the bootstrap leader (the lowest id) and then whoever followed it, so a restarted
+    // leader meets a new leader of a lower id at least once, where vote order matters.
+    let mut leader = first;
     let mut acked = BTreeSet::new();
-    while let Some(done) = writers.join_next().await {
-        acked.extend(done?);
+    for round in 0..2 {
+        let others: Vec<u64> = all.iter().copied().filter(|&i| i != leader).collect();
+        // Through the others, whose addresses outlive the leader's process; they forward to
+        // whoever leads.
+        let urls = others
+            .iter()
+            .map(|&id| c.url(id, "/v1/agent/service/register"))
+            .collect::<Result<Vec<_>>>()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut writers = tokio::task::JoinSet::new();
+        for w in 0..8u32 {
+            let (http, url, stop) = (
+                c.client().clone(),
+                urls[w as usize % urls.len()].clone(),
+                stop.clone(),
+            );
+            writers.spawn(async move {
+                let mut acked = Vec::new();
+                let mut n = 0u32;
+                while !stop.load(Ordering::Relaxed) {
+                    let id = format!("load-{round}-{w}-{n}");
+                    n += 1;
+                    let body = json!({"Name": "load", "ID": id, "Port": 1000 + n % 5000});
+                    match http.put(&url).json(&body).send().await {
+                        Ok(r) if r.status() == 200 => acked.push(id),
+                        // No leader for a moment: pace the retries rather than spin.
+                        _ => tokio::time::sleep(Duration::from_millis(20)).await,
+                    }
+                }
+                acked
+            });
+        }
+        let start = commit_index(c, others[0]).await?;
+        c.eventually(WAIT, "writes committing before the kill", async || {
+            let now = commit_index(c, others[0]).await?;
+            ensure!(now >= start + 20, "commit index {now}");
+            Ok(())
+        })
+        .await?;
+
+        let term_before = c.status(leader).await?["term"].as_u64().context("term")?;
+        c.kill(leader)?;
+        c.spawn(leader)?;
+        c.wait_ready(leader).await?;
+        // openraft would have it lead again in that term at once; it must not.
+        let s = c.status(leader).await?;
+        ensure!(
+            !(s["role"] == "leader" && s["term"].as_u64() == Some(term_before)),
+            "round {round}: node {leader} resumed leading term {term_before} after its \
+             restart; entries it posted before its own sync could be given other contents: {s}"
+        );
+        let next = c.wait_for_leader(&all).await?;
+        let after = commit_index(c, others[0]).await?;
+        c.eventually(WAIT, "writes committing after the restart", async || {
+            let now = commit_index(c, others[0]).await?;
+            ensure!(now >= after + 20, "commit index {now}");
+            Ok(())
+        })
+        .await?;
+        stop.store(true, Ordering::Relaxed);
+        let before = acked.len();
+        while let Some(done) = writers.join_next().await {
+            acked.extend(done?);
+        }
+        ensure!(
+            acked.len() >= before + 20,
+            "round {round}: only {} writes acknowledged",
+            acked.len() - before
+        );
+        leader = next;
     }
-    ensure!(
-        acked.len() >= 20,
-        "only {} writes acknowledged",
-        acked.len()
-    );
 
     let now_leader = c.wait_for_leader(&all).await?;
     let there = c.catalog_ids(now_leader, "load", "").await?;

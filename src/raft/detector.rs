@@ -33,7 +33,8 @@
 //!   for a lease that the pre-vote answerers already saw expire.
 //! - A leader never campaigns, a non-voter never campaigns, and a voter
 //!   campaigns at most once per random wait.
-//! - A node alone in its voter set campaigns at once (`--dev`, restarts).
+//! - A node alone in its voter set passes its own pre-vote, so it
+//!   campaigns after one random wait (`--dev`, restarts).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};

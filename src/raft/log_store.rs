@@ -324,10 +324,14 @@ impl LogStore {
     /// vote is a committed vote for itself; but entries it posted before its
     /// own sync may be missing from its log after a crash, and it would then
     /// give their log ids to other entries while followers keep the ones
-    /// they synced (they match log ids, not contents). So such a vote
-    /// becomes an uncommitted vote for itself in the next term, synced
-    /// before openraft starts: a node may always raise its term, and it
-    /// then wins an election or follows whoever did.
+    /// they synced (they match log ids, not contents). So such a vote is
+    /// saved again uncommitted, before openraft starts: still a vote for
+    /// itself in that term (it grants nobody else that term's vote it would
+    /// not have granted anyway), but not one openraft resumes. openraft's
+    /// elections always move to a new term, so the node never leads in its
+    /// old term again. Why not a vote in the next term: votes order by
+    /// (term, node id), so it would outrank a lower-id node the others
+    /// elected in that term and unseat it.
     pub async fn with_speculator(
         mut self,
         speculator: Arc<Speculator>,
@@ -335,13 +339,13 @@ impl LogStore {
         let me = speculator.id();
         if let Some(v) = self.vote {
             if v.is_committed() && v.leader_id().voted_for() == Some(me) {
-                let next = Vote::new(v.leader_id().get_term() + 1, me);
+                let kept = Vote::new(v.leader_id().get_term(), me);
                 tracing::info!(
                     was = %v,
-                    now = %next,
-                    "led before the restart: will not resume leadership in the same term"
+                    now = %kept,
+                    "led before the restart: will not resume leadership in this term"
                 );
-                self.save_vote(&next).await?;
+                self.save_vote(&kept).await?;
             }
         }
         self.speculator = Some(speculator);
@@ -587,7 +591,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_leader_that_posts_early_restarts_in_a_new_term() -> anyhow::Result<()> {
+    async fn a_leader_that_posts_early_does_not_resume_its_term() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         let sled_dir = dir.path().join("sled");
         let db = sled::Config::new().path(&sled_dir).open()?;
@@ -608,10 +612,11 @@ mod tests {
         // Another node's store keeps the leader's vote as it is.
         let mut other = open()?.with_speculator(spec(2)).await?;
         assert_eq!(other.read_vote().await?, Some(Vote::new_committed(3, 1)));
-        // The leader's own store votes for itself in the next term, not
-        // committed, and keeps that through another open.
+        // The leader's own store keeps its vote for itself in that term,
+        // not committed (openraft resumes only a committed one), through
+        // another open too.
         let mut me = open()?.with_speculator(spec(1)).await?;
-        let want = Vote::new(4, 1);
+        let want = Vote::new(3, 1);
         assert!(!want.is_committed());
         assert_eq!(me.read_vote().await?, Some(want));
         assert!(

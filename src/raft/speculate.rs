@@ -37,9 +37,9 @@
 //!   usual. At most one early request per target is in flight, and a
 //!   target that refused or failed one gets none for an RPC budget.
 //! - A node whose log store posts early never resumes leadership in the
-//!   same term after a restart (`LogStore::with_speculator`): entries it
-//!   posted may be missing from its log, and their log ids must not be
-//!   given to other entries.
+//!   same term after a restart (`LogStore::with_speculator` saves its vote
+//!   uncommitted): entries it posted may be missing from its log, and their
+//!   log ids must not be given to other entries.
 //!
 //! Known looseness: openraft credits a reused answer with the time its
 //! stream built the request, so `millis_since_quorum_ack` can look up to
