@@ -52,6 +52,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use super::network::PeerClient;
 use super::types::{AppendResponse, LogId, NodeId, Raft, RaftError, Vote};
@@ -158,7 +159,8 @@ impl Speculator {
             }
             let (client, body, key, timeout) =
                 (self.client.clone(), body.clone(), key.clone(), self.timeout);
-            tokio::spawn(async move {
+            let span = tracing::debug_span!("early_append", target, last = key.last.index);
+            let task = async move {
                 let reply: Result<Result<AppendResponse, RaftError>, _> =
                     client.call_raw(&addr, PATH_APPEND, body, timeout).await;
                 let outcome = match reply {
@@ -173,7 +175,8 @@ impl Speculator {
                     }
                 };
                 slot.send_if_modified(|s| settle(s, &key, outcome, Instant::now() + timeout));
-            });
+            };
+            tokio::spawn(task.instrument(span));
         }
     }
 
