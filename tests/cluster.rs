@@ -330,6 +330,17 @@ async fn commit_index(c: &Cluster, id: u64) -> Result<u64> {
         .context("commit_index")
 }
 
+/// Waits until node `id`'s commit index is 20 past what it is now.
+async fn commits_grow(c: &Cluster, id: u64, when: &str) -> Result<()> {
+    let start = commit_index(c, id).await?;
+    c.eventually(WAIT, &format!("writes committing {when}"), async || {
+        let now = commit_index(c, id).await?;
+        ensure!(now >= start + 20, "commit index {now}");
+        Ok(())
+    })
+    .await
+}
+
 async fn killed_under_load_body(c: &mut Cluster) -> Result<()> {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
@@ -372,13 +383,7 @@ async fn killed_under_load_body(c: &mut Cluster) -> Result<()> {
                 acked
             });
         }
-        let start = commit_index(c, others[0]).await?;
-        c.eventually(WAIT, "writes committing before the kill", async || {
-            let now = commit_index(c, others[0]).await?;
-            ensure!(now >= start + 20, "commit index {now}");
-            Ok(())
-        })
-        .await?;
+        commits_grow(c, others[0], "before the kill").await?;
 
         let term_before = c.status(leader).await?["term"].as_u64().context("term")?;
         c.kill(leader)?;
@@ -392,13 +397,7 @@ async fn killed_under_load_body(c: &mut Cluster) -> Result<()> {
              restart; entries it posted before its own sync could be given other contents: {s}"
         );
         let next = c.wait_for_leader(&all).await?;
-        let after = commit_index(c, others[0]).await?;
-        c.eventually(WAIT, "writes committing after the restart", async || {
-            let now = commit_index(c, others[0]).await?;
-            ensure!(now >= after + 20, "commit index {now}");
-            Ok(())
-        })
-        .await?;
+        commits_grow(c, others[0], "after the restart").await?;
         stop.store(true, Ordering::Relaxed);
         let before = acked.len();
         while let Some(done) = writers.join_next().await {

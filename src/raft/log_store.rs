@@ -296,7 +296,7 @@ impl LogStore {
         std::thread::Builder::new()
             .name("raft-log-flusher".into())
             .spawn(move || thread_syncer.run(rx))?;
-        let store = LogStore {
+        let mut store = LogStore {
             log: db.open_tree("log").map_err(std::io::Error::other)?,
             meta: db.open_tree("raft_meta").map_err(std::io::Error::other)?,
             syncer,
@@ -307,7 +307,6 @@ impl LogStore {
             leader_commit: None,
             speculator: None,
         };
-        let mut store = store;
         if let Ok(Some(c)) = store.read_meta::<LogId>(COMMITTED) {
             store.committed.store(c.index, Ordering::Relaxed);
             store.leader_commit = Some(c);
@@ -493,14 +492,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // manifest), each time waiting for the disk. Entries need no
         // atomicity: a crash keeps a prefix of them (sled persists in log
         // order), and none of them was acknowledged before the sync.
-        let leading = self.leading_speculator().is_some();
+        let leading = self.leading_speculator();
         let mut appended = Vec::new();
         let mut encoded = Vec::new();
         for entry in entries {
             let bytes =
                 serde_json::to_vec(&entry).map_err(|e| StorageIOError::write_logs(any_err(&e)))?;
             let size = bytes.len();
-            if leading {
+            if leading.is_some() {
                 encoded.push(bytes.clone());
             }
             self.log
@@ -508,10 +507,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 .map_err(|e| StorageIOError::write_logs(any_err(&e)))?;
             appended.push((entry, size));
         }
-        let early = appended
-            .first()
-            .zip(appended.last())
-            .map(|(first, last)| (first.0.get_log_id().index, *last.0.get_log_id()));
+        let first = appended.first().map(|(e, _)| e.get_log_id().index);
+        let last = appended.last().map(|(e, _)| *e.get_log_id());
         let prev = {
             let mut tail = lock(&self.tail);
             // The entry before the first appended one, if the tail holds it.
@@ -519,15 +516,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 .entries
                 .back()
                 .map(|(e, _)| *e.get_log_id())
-                .filter(|p| early.is_some_and(|(first, _)| p.index + 1 == first));
+                .filter(|p| Some(p.index + 1) == first);
             for (entry, size) in appended {
                 tail.push(entry, size);
             }
             prev
         };
-        if let (Some((spec, vote)), Some((_, last)), Some(prev)) =
-            (self.leading_speculator(), early, prev)
-        {
+        if let (Some((spec, vote)), Some(last), Some(prev)) = (leading, last, prev) {
             match speculate::request_body(vote, &Some(prev), &self.leader_commit, &encoded) {
                 Ok(body) => spec.send(
                     speculate::Key {
@@ -617,7 +612,6 @@ mod tests {
         // another open too.
         let mut me = open()?.with_speculator(spec(1)).await?;
         let want = Vote::new(3, 1);
-        assert!(!want.is_committed());
         assert_eq!(me.read_vote().await?, Some(want));
         assert!(
             me.leading_speculator().is_none(),

@@ -161,6 +161,9 @@ struct ReadBatch {
     fetching: tokio::sync::Mutex<()>,
 }
 
+/// openraft's AppendEntries on the peer listener (also the early appends
+/// of `speculate`).
+pub(crate) const PATH_APPEND: &str = "/raft/append";
 /// Paths of the internal calls on the peer listener.
 pub(crate) const PATH_WRITE: &str = "/internal/write";
 pub(crate) const PATH_READ_INDEX: &str = "/internal/read-index";

@@ -23,11 +23,12 @@ use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::speculate::{Key, Speculator, PATH_APPEND};
+use super::speculate::{Key, Speculator};
 use super::types::{
     AppendRequest, AppendResponse, NodeId, PeerNode, RaftError, RpcError, SnapshotRequest,
     SnapshotResponse, TypeConfig, VoteRequest, VoteResponse,
 };
+use super::PATH_APPEND;
 
 /// Errors of a peer HTTP call, before openraft's error types get involved.
 #[derive(Debug, thiserror::Error)]

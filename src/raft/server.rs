@@ -19,7 +19,7 @@ use super::types::{
     SnapshotResponse, VoteRequest, VoteResponse,
 };
 use super::{
-    ClusterError, Member, MembershipOp, RaftNode, Written, PATH_ALIVE, PATH_MEMBERS,
+    ClusterError, Member, MembershipOp, RaftNode, Written, PATH_ALIVE, PATH_APPEND, PATH_MEMBERS,
     PATH_MEMBERSHIP, PATH_PRE_VOTE, PATH_READ_INDEX, PATH_WRITE,
 };
 use crate::registry::Command;
@@ -120,7 +120,7 @@ async fn members(State(n): Node) -> Json<Result<Vec<Member>, ClusterError>> {
 /// The peer router over `node`.
 pub fn router(node: Arc<RaftNode>) -> Router {
     Router::new()
-        .route(super::speculate::PATH_APPEND, post(append))
+        .route(PATH_APPEND, post(append))
         .route("/raft/vote", post(vote))
         .route("/raft/snapshot", post(snapshot))
         .route(PATH_WRITE, post(forwarded_write))

@@ -56,6 +56,7 @@ use tracing::Instrument;
 
 use super::network::PeerClient;
 use super::types::{AppendResponse, LogId, NodeId, Raft, RaftError, Vote};
+use super::PATH_APPEND;
 
 /// What identifies an AppendEntries request's content.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,9 +94,6 @@ pub struct Speculator {
     raft: OnceLock<Raft>,
     slots: Mutex<BTreeMap<NodeId, watch::Sender<Slot>>>,
 }
-
-/// Path of openraft's AppendEntries on the peer listener.
-pub const PATH_APPEND: &str = "/raft/append";
 
 impl Speculator {
     pub fn new(id: NodeId, client: PeerClient, timeout: Duration) -> Self {
